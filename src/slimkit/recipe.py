@@ -1,0 +1,174 @@
+"""Recipes: a model, a task, stages and what to measure, validated before anything runs.
+
+Every mistake in a recipe is reported at once, each with its key path and the fix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from slimkit.config import SlimConfig, format_validation_error
+from slimkit.errors import ConfigError
+from slimkit.registry import config_class, kinds, methods
+
+RECIPE_VERSION = 1
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TaskSpec(_Strict):
+    """The task: ``rt-polarity`` or a CSV path; limits take the first examples of each split."""
+
+    source: str = "rt-polarity"
+    text_column: str = "text"
+    label_column: str = "label"
+    train_limit: int | None = Field(None, ge=2)
+    test_limit: int | None = Field(None, ge=1)
+
+
+class MeasureSpec(_Strict):
+    """Harness settings, the same for every variant."""
+
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 8], min_length=1)
+    seq_len: int = Field(128, ge=4)
+    threads: int = Field(2, ge=1)
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    rounds: int = Field(7, ge=1)
+    iters: int = Field(10, ge=1)
+    warmup: int = Field(3, ge=0)
+    accuracy: bool = True
+    memory: bool = True
+    energy: bool = True
+
+
+class VariantSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    stages: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class RecipeSpec(_Strict):
+    version: int = RECIPE_VERSION
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    model: str
+    task: TaskSpec = Field(default_factory=TaskSpec)
+    variant: str = Field("output", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    stages: list[dict[str, Any]] = Field(min_length=1)
+    compare: list[VariantSpec] = Field(default_factory=list)
+    measure: MeasureSpec = Field(default_factory=MeasureSpec)
+    output: str | None = None
+
+
+class Recipe:
+    """A validated recipe: its raw spec and the typed configs of every stage.
+
+    Attributes:
+        spec: the validated recipe fields.
+        stages: typed configs of the output pipeline, in order.
+        compare: ``(name, [configs])`` of each variant measured beside it.
+        raw: the recipe as a plain dict (with overrides applied), saved in the run folder.
+    """
+
+    def __init__(self, spec: RecipeSpec, stages: list[SlimConfig], compare: list[tuple[str, list[SlimConfig]]], raw: dict):
+        self.spec, self.stages, self.compare, self.raw = spec, stages, compare, raw
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Recipe:
+        problems: list[str] = []
+        if not isinstance(raw, dict):
+            raise ConfigError(f"a recipe is a mapping of keys to values, not {type(raw).__name__}")
+        if raw.get("version", RECIPE_VERSION) != RECIPE_VERSION:
+            problems.append(f"version: {raw.get('version')!r} is not supported; use version: {RECIPE_VERSION}")
+        try:
+            spec = RecipeSpec.model_validate(raw)
+        except ValidationError as err:
+            problems += format_validation_error(err)
+            spec = None
+        stages = parse_stages(raw.get("stages") or [], "stages", problems)
+        compare = []
+        names = {raw.get("variant", "output"), "fp32"}
+        for i, v in enumerate(raw.get("compare") or []):
+            if isinstance(v, dict):
+                if v.get("name") in names:
+                    problems.append(f"compare[{i}].name: {v.get('name')!r} is used twice (fp32 is the baseline); give each variant its own name")
+                names.add(v.get("name"))
+                compare.append((v.get("name"), parse_stages(v.get("stages") or [], f"compare[{i}].stages", problems)))
+        if problems:
+            raise ConfigError(problems)
+        return cls(spec, stages, compare, raw)
+
+    @classmethod
+    def from_file(cls, path: str | Path, overrides: list[str] | None = None) -> Recipe:
+        """Read a YAML recipe and apply ``key.path=value`` overrides before validating."""
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such recipe file") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        raw = raw or {}
+        for item in overrides or []:
+            apply_override(raw, item)
+        return cls.from_dict(raw)
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Set ``a.b.c=value`` in ``raw``; the value is read as YAML (``3``, ``true``, ``[1, 8]``)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r}: write it as key.path=value, e.g. measure.rounds=3")
+    node = raw
+    parts = key.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {p} is not a mapping")
+    node[parts[-1]] = yaml.safe_load(value)
+
+
+def parse_stages(stages: list, where: str, problems: list[str]) -> list[SlimConfig]:
+    """Typed configs for ``stages``; mistakes are appended to ``problems``."""
+    out: list[SlimConfig] = []
+    exported = False
+    for i, stage in enumerate(stages):
+        path = f"{where}[{i}]"
+        if not isinstance(stage, dict) or len(stage) != 1:
+            problems.append(f"{path}: a stage is a mapping with one key, the stage kind ({', '.join(kinds())}), e.g. `- quantize: {{method: dynamic_int8}}`")
+            continue
+        kind, body = next(iter(stage.items()))
+        body = dict(body or {})
+        if kind not in kinds():
+            problems.append(f"{path}: unknown stage {kind!r}; known stages: {', '.join(kinds())}")
+            continue
+        method = body.pop("method", None) or _default_method(kind)
+        cls = config_class(kind, method) if method else None
+        if cls is None:
+            problems.append(f"{path}.{kind}.method: unknown method {method!r}; choose one of {', '.join(methods(kind))}")
+            continue
+        try:
+            cfg = cls.model_validate(body)
+        except ValidationError as err:
+            problems += format_validation_error(err, f"{path}.{kind}")
+            continue
+        onnx_method = method.startswith("ort_")
+        if kind == "export":
+            if exported:
+                problems.append(f"{path}: the model is already exported; keep one export stage")
+            exported = True
+        elif onnx_method and not exported:
+            problems.append(f"{path}.{kind}: method {method!r} works on an ONNX model; put an `export` stage before it")
+        elif exported and not onnx_method:
+            problems.append(f"{path}.{kind}: method {method!r} works on a PyTorch model but the model is already exported; move it before the export stage or use an ort_* method")
+        out.append(cfg)
+    return out
+
+
+def _default_method(kind: str) -> str | None:
+    options = methods(kind)
+    return options[0] if len(options) == 1 else None

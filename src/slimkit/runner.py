@@ -1,0 +1,245 @@
+"""Running a recipe: load, apply stages, measure every variant the same way, write a run folder."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from slimkit import __version__, serialize
+from slimkit.atomic import atomic_dir, write_json, write_text
+from slimkit.config import SlimConfig
+from slimkit.deploy.export import export
+from slimkit.deploy.onnx_model import OnnxModel
+from slimkit.measure import energy as energy_mod
+from slimkit.measure.inputs import fixed_length_batch
+from slimkit.measure.latency import measure_latency
+from slimkit.measure.memory import peak_rss
+from slimkit.measure.runners import make_runner
+from slimkit.measure.task import TokenizedTexts, embed, fit_head, nearest_neighbours, task_metrics
+from slimkit.quantize.api import quantize_, record_transform, transforms_of
+from slimkit.recipe import Recipe
+from slimkit.zoo.models import LoadedModel, load_model
+from slimkit.zoo.tasks import TextClassificationData, load_task
+
+METRICS_SCHEMA_VERSION = 1
+BASELINE = "fp32"
+LOW_PRECISION = {"dynamic_int8": "int8", "ort_dynamic_int8": "int8", "ort_static_int8": "int8", "low_precision": "fp16"}
+
+
+@dataclass
+class Variant:
+    name: str
+    model: LoadedModel | OnnxModel
+    configs: list[SlimConfig] = field(default_factory=list)
+    is_output: bool = False
+    folder: Path | None = None
+
+    @property
+    def framework(self) -> str:
+        return "onnx" if isinstance(self.model, OnnxModel) else "torch"
+
+    @property
+    def weights_file(self) -> Path:
+        assert self.folder is not None
+        return self.folder / ("model.onnx" if self.framework == "onnx" else "model.safetensors")
+
+    @property
+    def transforms(self) -> list[dict[str, Any]]:
+        return transforms_of(self.model if isinstance(self.model, OnnxModel) else self.model.module)
+
+
+def apply_stages(model: LoadedModel, configs: list[SlimConfig], workdir: Path, calibration=None) -> LoadedModel | OnnxModel:
+    """Apply ``configs`` in order to a copy of ``model``; an export stage turns it into ONNX."""
+    current: LoadedModel | OnnxModel = model.clone()
+    for cfg in configs:
+        if cfg.kind == "export":
+            current = export(current, cfg, workdir=workdir)
+            record_transform(current, cfg, [])
+        else:
+            target = current if isinstance(current, OnnxModel) else current.module
+            quantize_(target, cfg, calibration=calibration)
+    return current
+
+
+def run(recipe: Recipe, output: str | Path | None = None, progress: bool = True) -> Path:
+    """Run ``recipe`` and return the run folder.
+
+    The folder is built under a temporary name and moved into place only when complete,
+    so an interrupted run leaves no partial folder and can simply be run again.
+    """
+    spec = recipe.spec
+    out_dir = Path(output or spec.output or Path("runs") / spec.name)
+    m = spec.measure
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if m.device == "auto" else m.device
+    torch.set_num_threads(m.threads)
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, disable=not progress, transient=False) as bar, atomic_dir(out_dir) as tmp:
+        step = bar.add_task("load model and task", total=2)
+        model = load_model(spec.model)
+        bar.advance(step)
+        data = load_task(spec.task.source, spec.task.text_column, spec.task.label_column).limited(
+            spec.task.train_limit, spec.task.test_limit
+        )
+        bar.advance(step)
+        feeds = {b: fixed_length_batch(model.tokenizer, data.test_texts, b, m.seq_len, model.max_seq_len) for b in m.batch_sizes}
+        calibration = _calibration_feeds(model, data)
+
+        plan = [(BASELINE, [], False), (spec.variant, recipe.stages, True)] + [(n, c, False) for n, c in recipe.compare]
+        step = bar.add_task("build variants", total=len(plan))
+        variants = []
+        for name, configs, is_output in plan:
+            folder = tmp / "variants" / name
+            v = Variant(name, apply_stages(model, configs, folder / "work", calibration), configs, is_output, folder)
+            serialize.save(v.model, folder)
+            _remove_workdir(folder / "work")
+            if isinstance(v.model, OnnxModel):
+                v.model.path = v.weights_file
+            variants.append(v)
+            bar.advance(step)
+
+        runners = {v.name: make_runner(v.model, m.threads, device) for v in variants}
+        results: dict[str, dict[str, Any]] = {v.name: {"latency": {}} for v in variants}
+        for b, feed in feeds.items():
+            step = bar.add_task(f"latency, batch {b}", total=m.rounds)
+            calls = {n: (lambda r=r, f=feed: r(f["input_ids"], f["attention_mask"], f["token_type_ids"])) for n, r in runners.items()}
+            lat = measure_latency(calls, BASELINE, b, m.rounds, m.iters, m.warmup, progress=lambda s=step: bar.advance(s))
+            for n, stats in lat.items():
+                results[n]["latency"][str(b)] = stats
+
+        if m.accuracy:
+            _accuracy(variants, runners, model, data, results, bar)
+        if m.memory:
+            step = bar.add_task("peak memory (fresh processes)", total=len(variants))
+            one = fixed_length_batch(model.tokenizer, data.test_texts, 1, min(128, m.seq_len), model.max_seq_len)
+            for v in variants:
+                results[v.name].update(peak_rss(v.folder, one, m.threads))
+                bar.advance(step)
+        if m.energy:
+            _energy(variants, model, m.seq_len, results, runners, feeds)
+
+        metrics = _metrics(recipe, variants, results, data, device)
+        write_json(tmp / "metrics.json", metrics)
+        write_text(tmp / "recipe.yaml", yaml.safe_dump(recipe.raw, sort_keys=False))
+        output_variant = next(v for v in variants if v.is_output)
+        serialize.save(output_variant.model, tmp)
+        from slimkit.report import render_report
+
+        render_report(metrics, tmp / "report.html")
+    return out_dir
+
+
+def _remove_workdir(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _calibration_feeds(model: LoadedModel, data: TextClassificationData, n: int = 128) -> list[dict[str, np.ndarray]]:
+    """Single sentences from the train split, as static quantization calibrates on them."""
+    feeds = []
+    for text in data.train_texts[:n]:
+        enc = model.tokenizer(text, truncation=True, max_length=128, return_tensors="np")
+        ids = enc["input_ids"].astype(np.int64)
+        feeds.append({"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)})
+    return feeds
+
+
+def _accuracy(variants, runners, model, data, results, bar) -> None:
+    train = TokenizedTexts(model.tokenizer, data.train_texts, 128)
+    test = TokenizedTexts(model.tokenizer, data.test_texts, 128)
+    ref_train = ref_test = head = ref_nn = base_acc = None
+    for v in variants:
+        step = bar.add_task(f"accuracy, {v.name}", total=len(train) + len(test))
+        tr = embed(runners[v.name], train, progress=lambda k, s=step: bar.advance(s, k))
+        te = embed(runners[v.name], test, progress=lambda k, s=step: bar.advance(s, k))
+        if v.name == BASELINE:
+            ref_train, ref_test = tr, te
+            head = fit_head(ref_train, data.train_labels)
+            ref_nn = nearest_neighbours(ref_test)
+            base_acc = float((head.predict(te) == data.test_labels).mean())
+        results[v.name]["accuracy"] = task_metrics(head, ref_test, ref_nn, te, data.test_labels, tr, data.train_labels, base_acc)
+
+
+def _energy(variants, model, seq_len, results, runners, feeds) -> None:
+    ids = torch.from_numpy(feeds[min(feeds)]["input_ids"][:1, :seq_len])
+    per_layer, total = energy_mod.linear_macs(model.module, (ids, torch.ones_like(ids), torch.zeros_like(ids)))
+    for v in variants:
+        low = {}
+        for t in v.transforms:
+            kind = LOW_PRECISION.get(t["config"]["method"])
+            if kind:
+                low.update({layer: kind for layer in t["layers"]})
+        est = energy_mod.estimate(total, per_layer, low, v.weights_file.stat().st_size)
+        f = feeds[min(feeds)]
+        est["measured"] = energy_mod.measured_energy(lambda r=runners[v.name]: r(f["input_ids"], f["attention_mask"], f["token_type_ids"]))
+        results[v.name]["energy"] = est
+
+
+def machine_info(threads: int, device: str) -> dict[str, Any]:
+    """Machine, thread count and versions, recorded with every measurement."""
+    import onnxruntime
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "machine": {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "device": device,
+                    "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+        "threads": threads,
+        "versions": {"slimkit": __version__, "python": platform.python_version(), "torch": torch.__version__,
+                     "onnxruntime": onnxruntime.__version__, "transformers": transformers.__version__,
+                     "numpy": np.__version__},
+    }
+
+
+def _metrics(recipe: Recipe, variants: list[Variant], results: dict, data: TextClassificationData, device: str) -> dict:
+    m = recipe.spec.measure
+    info = machine_info(m.threads, device)
+    base = results[BASELINE]
+    base_size = variants[0].weights_file.stat().st_size
+    out_variants = []
+    for v in variants:
+        r = results[v.name]
+        size = v.weights_file.stat().st_size
+        rss = r.get("peak_rss_bytes")
+        out_variants.append({
+            "name": v.name,
+            "framework": v.framework,
+            "stages": [c.to_dict() for c in v.configs],
+            "is_output": v.is_output,
+            "size_bytes": size,
+            "size_ratio": size / base_size,
+            "latency": r["latency"],
+            "peak_rss_bytes": rss,
+            "rss_ratio": rss / base["peak_rss_bytes"] if rss and base.get("peak_rss_bytes") else None,
+            "torch_imported": r.get("torch_imported"),
+            "accuracy": r.get("accuracy"),
+            "energy": r.get("energy"),
+        })
+    return {
+        "schema_version": METRICS_SCHEMA_VERSION,
+        "slimkit_version": __version__,
+        "recipe": recipe.spec.name,
+        "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "harness": {"threads": m.threads, "seq_len": m.seq_len, "batch_sizes": m.batch_sizes, "rounds": m.rounds,
+                    "iters": m.iters, "warmup": m.warmup, "device": device,
+                    "machine": info["machine"], "versions": info["versions"]},
+        "task": {"name": data.name, "train_size": len(data.train_texts), "test_size": len(data.test_texts)},
+        "baseline": BASELINE,
+        "variants": out_variants,
+    }
