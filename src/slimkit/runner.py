@@ -110,7 +110,7 @@ def run(recipe: Recipe, output: str | Path | None = None, progress: bool = True)
         results: dict[str, dict[str, Any]] = {v.name: {"latency": {}} for v in variants}
         for b, feed in feeds.items():
             step = bar.add_task(f"latency, batch {b}", total=m.rounds)
-            calls = {n: (lambda r=r, f=feed: r(f["input_ids"], f["attention_mask"], f["token_type_ids"])) for n, r in runners.items()}
+            calls = {n: _call(r, feed) for n, r in runners.items()}
             lat = measure_latency(calls, BASELINE, b, m.rounds, m.iters, m.warmup, progress=lambda s=step: bar.advance(s))
             for n, stats in lat.items():
                 results[n]["latency"][str(b)] = stats
@@ -135,6 +135,10 @@ def run(recipe: Recipe, output: str | Path | None = None, progress: bool = True)
 
         render_report(metrics, tmp / "report.html")
     return out_dir
+
+
+def _call(runner, feed: dict[str, np.ndarray]):
+    return lambda: runner(feed["input_ids"], feed["attention_mask"], feed["token_type_ids"])
 
 
 def _remove_workdir(path: Path) -> None:
@@ -179,8 +183,7 @@ def _energy(variants, model, seq_len, results, runners, feeds) -> None:
             if kind:
                 low.update({layer: kind for layer in t["layers"]})
         est = energy_mod.estimate(total, per_layer, low, v.weights_file.stat().st_size)
-        f = feeds[min(feeds)]
-        est["measured"] = energy_mod.measured_energy(lambda r=runners[v.name]: r(f["input_ids"], f["attention_mask"], f["token_type_ids"]))
+        est["measured"] = energy_mod.measured_energy(_call(runners[v.name], feeds[min(feeds)]))
         results[v.name]["energy"] = est
 
 

@@ -25,7 +25,8 @@ def measure_latency(
 
     Returns:
         Per variant: ``median_ms``, ``p10_ms``, ``p90_ms`` over all timed calls,
-        ``ratio_to_baseline`` and ``throughput_per_s`` (items per second at this batch).
+        ``ratio_to_baseline``, ``throughput_per_s`` (items per second at this batch) and
+        ``round_ms``, the median of each round, for ratios between any two variants.
     """
     names = list(calls)
     for name in names:
@@ -56,5 +57,11 @@ def measure_latency(
             "p90_ms": float(np.percentile(t, 90)),
             "ratio_to_baseline": float(np.median(np.array(round_medians[name]) / base)),
             "throughput_per_s": batch_size / (med / 1000.0),
+            "round_ms": [x * 1000.0 for x in round_medians[name]],
         }
     return out
+
+
+def paired_ratio(a: dict[str, float], b: dict[str, float]) -> float:
+    """Median over rounds of ``a``'s time divided by ``b``'s, both from one measurement."""
+    return float(np.median(np.array(a["round_ms"]) / np.array(b["round_ms"])))

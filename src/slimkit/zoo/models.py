@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import importlib
 import importlib.util
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,8 +135,12 @@ def _load_hf_dir(path: Path, spec: dict[str, Any]) -> LoadedModel:
             path, config=config, attn_implementation=ATTN_IMPLEMENTATION, use_safetensors=True
         )
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, RuntimeError, json.JSONDecodeError) as e:
-        raise ModelLoadError(f"{path}: cannot load the model ({e}); the files may be corrupt") from e
+    except Exception as e:  # transformers and safetensors raise many types for a bad file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(
+            f"{path}: cannot load the model ({first}); the files may be corrupt or incomplete, "
+            "copy or export them again"
+        ) from e
     backbone.eval()
     spec = {**spec, "hf_config": config.to_dict(), "pooling": "mean"}
     max_len = int(getattr(config, "max_position_embeddings", 512))

@@ -36,10 +36,16 @@ class TextClassificationData:
         """The first examples of each (already shuffled) split, for quicker runs."""
         tr = slice(None, train_limit)
         te = slice(None, test_limit)
-        return TextClassificationData(
+        out = TextClassificationData(
             self.name, self.train_texts[tr], self.train_labels[tr], self.test_texts[te],
             self.test_labels[te], self.label_names,
         )
+        if len(set(out.train_labels.tolist())) < 2:
+            raise DataError(
+                f"{self.name}: the first {train_limit} train examples all have one label; "
+                "raise task.train_limit so the head sees every label"
+            )
+        return out
 
 
 def load_task(source: str, text_column: str = "text", label_column: str = "label") -> TextClassificationData:

@@ -1,0 +1,30 @@
+"""Each benchmark script runs in its quick mode and writes a result in the shared format."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CHECK = ROOT.parent / "shared" / "check_targets.py"
+
+
+@pytest.mark.integration
+def test_bert_int8_quick(tmp_path):
+    out = tmp_path / "bert_int8.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bert_int8.py"), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["benchmark"] == "bert_int8" and doc["quick"] is True
+    assert {"machine", "threads", "versions", "command", "git_commit"} <= set(doc)
+    names = [t["name"] for t in doc["targets"]]
+    assert names == ["latency_b1_vs_fp32_eager", "latency_b1_vs_ort_dynamic_int8", "embedding_cosine_mean",
+                     "frozen_head_accuracy_drop", "size_vs_fp32_safetensors", "peak_rss_vs_fp32_eager"]
+    assert all(isinstance(t["value"], float) for t in doc["targets"])
+    assert [v["name"] for v in doc["variants"]] == ["fp32", "slimkit-int8", "torch-dynamic-int8", "ort-fp32", "ort-dynamic-int8"]
+    if CHECK.exists():  # the shared checker reads the file (targets may be missed in a quick run)
+        res = subprocess.run([sys.executable, str(CHECK), str(out)], capture_output=True, text=True)
+        assert res.returncode in (0, 1) and "targets met" in res.stdout

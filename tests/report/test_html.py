@@ -1,0 +1,189 @@
+"""The HTML report: self-contained, every plot embedded, nulls shown as a dash."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from slimkit.errors import SlimkitError
+from slimkit.report import render_report
+
+SAMPLE = Path(__file__).with_name("sample_metrics.json")
+PLOT_IDS = ["plot-latency", "plot-size", "plot-memory", "plot-accuracy", "plot-tradeoff"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def metrics() -> dict:
+    return json.loads(SAMPLE.read_text())
+
+
+def render(metrics: dict, tmp_path: Path) -> str:
+    out = tmp_path / "report.html"
+    render_report(metrics, out)
+    assert out.is_file()
+    return out.read_text(encoding="utf-8")
+
+
+def img_src(html: str, plot_id: str) -> str:
+    tags = re.findall(rf'<img[^>]*\bid="{plot_id}"[^>]*>', html)
+    assert len(tags) == 1, f"{plot_id}: expected one <img>, found {len(tags)}"
+    src = re.search(r'\bsrc="([^"]*)"', tags[0])
+    assert src, f"{plot_id} has no src"
+    return src.group(1)
+
+
+def test_sample_renders_every_plot_as_embedded_png(metrics, tmp_path):
+    html = render(metrics, tmp_path)
+    for plot_id in PLOT_IDS:
+        assert html.count(f'id="{plot_id}"') == 1
+        src = img_src(html, plot_id)
+        prefix = "data:image/png;base64,"
+        assert src.startswith(prefix)
+        png = base64.b64decode(src[len(prefix):], validate=True)
+        assert png.startswith(PNG_MAGIC)
+        assert len(png) > 5_000, f"{plot_id} is suspiciously small"
+    # Each plot sits in its own figure with a caption.
+    assert html.count("<figure") == len(PLOT_IDS)
+    assert html.count("<figcaption>") == len(PLOT_IDS)
+
+
+def test_summary_table_lists_every_variant_and_marks_the_output(metrics, tmp_path):
+    html = render(metrics, tmp_path)
+    table = re.search(r'<table id="summary-table">.*?</table>', html, re.S)
+    assert table, "summary table missing"
+    rows = re.findall(r"<tr[^>]*>.*?</tr>", table.group(0), re.S)[1:]  # skip the header
+    assert len(rows) == len(metrics["variants"])
+    for row, variant in zip(rows, metrics["variants"], strict=True):
+        assert f"<strong>{variant['name']}</strong>" in row
+        assert variant["framework"] in row
+        assert ('class="output"' in row) == variant["is_output"]
+    output = next(r for r in rows if 'class="output"' in r)
+    # slimkit-int8 in the sample: size, latency and accuracy, formatted.
+    for expected in ["23.3", "0.26×", "7.6", "7.3–8.4", "0.30×", "163.6", "75.3%", "0.27 pp"]:
+        assert expected in output, expected
+
+
+def test_header_targets_and_energy(metrics, tmp_path):
+    html = render(metrics, tmp_path)
+    assert "minilm-int8-demo" in html
+    assert "2026-11-22 03:00 UTC" in html
+    for fact in ["rt-polarity", "10,246", "2,562", "AMD EPYC 7B13", "2.13.0", "1.31.1"]:
+        assert fact in html, fact
+    targets = re.search(r'<table id="targets-table">.*?</table>', html, re.S)
+    assert targets, "targets table missing"
+    assert targets.group(0).count("✓ met") == 3
+    assert targets.group(0).count("✗ missed") == 1
+    assert "analytical estimate" in html
+    assert "Horowitz, ISSCC 2014, 45 nm" in html
+    assert "Measured (mJ)" not in html  # no variant measured energy
+
+
+def test_measured_energy_is_shown_when_present(metrics, tmp_path):
+    metrics["variants"][4]["energy"]["measured"] = 12.345
+    html = render(metrics, tmp_path)
+    assert "Measured (mJ)" in html
+    assert "12.3" in html
+
+
+def test_without_targets_there_is_no_targets_table(metrics, tmp_path):
+    del metrics["targets"]
+    html = render(metrics, tmp_path)
+    assert 'id="targets-table"' not in html
+    assert '"targets-table"' not in html  # nor does the self-check expect it
+
+
+def test_report_references_nothing_on_the_network(metrics, tmp_path):
+    html = render(metrics, tmp_path)
+    lowered = html.lower()
+    assert 'src="http' not in lowered
+    assert 'href="http' not in lowered
+    assert "http://" not in lowered
+    assert "https://" not in lowered
+    assert "@import" not in lowered
+    assert "<link" not in lowered
+
+
+def test_null_fields_render_as_dash(metrics, tmp_path):
+    broken = copy.deepcopy(metrics)
+    variant = broken["variants"][1]
+    variant["size_bytes"] = None
+    variant["size_ratio"] = None
+    variant["peak_rss_bytes"] = None
+    variant["rss_ratio"] = None
+    variant["latency"]["8"] = {k: None for k in variant["latency"]["8"]}
+    variant["accuracy"] = {k: None for k in variant["accuracy"]}
+    variant["energy"]["estimate_mj"] = None
+    broken["variants"][2]["accuracy"] = None
+    broken["variants"][3]["latency"]["1"] = None
+    broken["harness"]["machine"]["cores"] = None
+    broken["task"]["test_size"] = None
+    broken["targets"][0]["value"] = None
+    broken["targets"][0]["met"] = None
+
+    html = render(broken, tmp_path)
+    assert "None" not in html
+    table = re.search(r'<table id="summary-table">.*?</table>', html, re.S).group(0)
+    row = re.findall(r"<tr[^>]*>.*?</tr>", table, re.S)[2]
+    assert "torch-dynamic-int8" in row
+    assert row.count("—") >= 10
+    # Plots still render; variants missing a coordinate are named in the caption.
+    for plot_id in PLOT_IDS:
+        assert img_src(html, plot_id).startswith("data:image/png;base64,")
+    assert "Not plotted (missing latency or accuracy): torch-dynamic-int8, ort-fp32" in html
+
+
+def test_all_plots_render_even_with_no_data(metrics, tmp_path):
+    for variant in metrics["variants"]:
+        variant["latency"] = {}
+        variant["accuracy"] = None
+        variant["size_bytes"] = None
+        variant["peak_rss_bytes"] = None
+    html = render(metrics, tmp_path)
+    assert "None" not in html
+    for plot_id in PLOT_IDS:
+        png = base64.b64decode(img_src(html, plot_id).split(",", 1)[1])
+        assert png.startswith(PNG_MAGIC)
+
+
+def test_names_are_html_escaped(metrics, tmp_path):
+    metrics["recipe"] = "<script>alert(1)</script>"
+    html = render(metrics, tmp_path)
+    assert "<script>alert(1)</script>" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+
+
+def test_write_is_atomic_and_leaves_no_temp_files(metrics, tmp_path):
+    out = tmp_path / "report.html"
+    out.write_text("old report")
+    render_report(metrics, str(out))  # str paths work too
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html"]
+    assert out.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+
+
+def test_interrupted_write_keeps_the_previous_report(metrics, tmp_path, monkeypatch):
+    out = tmp_path / "report.html"
+    out.write_text("old report")
+
+    def crash_halfway(self: Path, data: bytes) -> int:
+        with open(self, "wb") as f:
+            f.write(data[: len(data) // 2])
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Path, "write_bytes", crash_halfway)
+    with pytest.raises(OSError, match="disk full"):
+        render_report(metrics, out)
+    assert out.read_text() == "old report"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html"]
+
+
+def test_unknown_schema_version_is_refused(metrics, tmp_path):
+    metrics["schema_version"] = 2
+    with pytest.raises(SlimkitError, match="schema_version"):
+        render_report(metrics, tmp_path / "report.html")
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,75 @@
+"""A whole recipe run on the real minilm-l6 and a small rt-polarity subset."""
+
+import json
+
+import numpy as np
+import pytest
+
+from slimkit import serialize
+from slimkit.deploy.ort_runtime import OrtEncoder
+from slimkit.measure.inputs import fixed_length_batch
+from slimkit.recipe import Recipe
+from slimkit.runner import run
+
+pytestmark = pytest.mark.integration
+
+RECIPE = {
+    "name": "tiny-run",
+    "model": "minilm-l6",
+    "task": {"source": "rt-polarity", "train_limit": 120, "test_limit": 60},
+    "variant": "slimkit-int8",
+    "stages": [{"export": {}}, {"quantize": {"method": "ort_dynamic_int8"}}],
+    "compare": [{"name": "torch-int8", "stages": [{"quantize": {"method": "dynamic_int8"}}]}],
+    "measure": {"batch_sizes": [1, 2], "seq_len": 32, "rounds": 2, "iters": 1, "warmup": 1, "threads": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def run_folder(tmp_path_factory):
+    return run(Recipe.from_dict(RECIPE), tmp_path_factory.mktemp("runs") / "tiny", progress=False)
+
+
+def test_run_folder_holds_every_artifact(run_folder):
+    names = {p.name for p in run_folder.iterdir()}
+    assert {"model.onnx", "slimkit.json", "metrics.json", "report.html", "recipe.yaml", "tokenizer", "variants"} <= names
+    assert sorted(p.name for p in (run_folder / "variants").iterdir()) == ["fp32", "slimkit-int8", "torch-int8"]
+    assert not list(run_folder.parent.glob(".*partial")), "no temporary folder may be left behind"
+
+
+def test_metrics_cover_every_variant_with_the_same_harness(run_folder):
+    m = json.loads((run_folder / "metrics.json").read_text())
+    assert m["schema_version"] == 1 and m["baseline"] == "fp32"
+    assert m["harness"]["threads"] == 1 and m["harness"]["seq_len"] == 32
+    assert m["task"] == {"name": "rt-polarity", "train_size": 120, "test_size": 60}
+    by = {v["name"]: v for v in m["variants"]}
+    assert by["fp32"]["latency"]["1"]["ratio_to_baseline"] == 1.0
+    assert by["fp32"]["accuracy"]["frozen_head_drop_pp"] == 0.0
+    assert by["fp32"]["accuracy"]["cosine_mean"] == pytest.approx(1.0, abs=1e-6)
+    ours = by["slimkit-int8"]
+    assert ours["is_output"] and ours["framework"] == "onnx"
+    assert ours["size_ratio"] < 0.3  # int8 weights and int8 embeddings
+    assert ours["accuracy"]["cosine_mean"] > 0.98
+    assert ours["torch_imported"] is False, "the ONNX variant must be served without torch"
+    assert by["fp32"]["torch_imported"] is True
+    assert ours["peak_rss_bytes"] < by["fp32"]["peak_rss_bytes"]
+    assert 0.5 < ours["energy"]["int8_mac_fraction"] <= 1.0
+    assert by["fp32"]["energy"]["int8_mac_fraction"] == 0.0
+
+
+def test_saved_output_reloads_with_the_same_outputs(run_folder):
+    model = serialize.load(run_folder)
+    feed = fixed_length_batch(model.tokenizer, ["a fine film, and a long one"], 2, 16, 512)
+    args = (feed["input_ids"], feed["attention_mask"], feed["token_type_ids"])
+    again = OrtEncoder(str(model.path))(*args)
+    inrun = OrtEncoder(str(run_folder / "variants" / "slimkit-int8" / "model.onnx"))(*args)
+    np.testing.assert_array_equal(again, inrun)
+
+
+def test_saved_torch_variant_reloads_bit_exact(run_folder):
+    import torch
+
+    folder = run_folder / "variants" / "torch-int8"
+    a, b = serialize.load(folder), serialize.load(folder)
+    ids = torch.tensor([[101, 2023, 2003, 1037, 2307, 3185, 102]])
+    torch.testing.assert_close(a.module(ids, torch.ones_like(ids)), b.module(ids, torch.ones_like(ids)), rtol=0, atol=0)
+    assert json.loads((folder / "slimkit.json").read_text())["transforms"][0]["config"]["method"] == "dynamic_int8"
