@@ -60,13 +60,17 @@ class Variant:
 def apply_stages(model: LoadedModel, configs: list[SlimConfig], workdir: Path, calibration=None) -> LoadedModel | OnnxModel:
     """Apply ``configs`` in order to a copy of ``model``; an export stage turns it into ONNX."""
     current: LoadedModel | OnnxModel = model.clone()
+    source = current
     for cfg in configs:
         if cfg.kind == "export":
+            source = current
             current = export(current, cfg, workdir=workdir)
             record_transform(current, cfg, [])
         else:
             target = current if isinstance(current, OnnxModel) else current.module
-            quantize_(target, cfg, calibration=calibration)
+            # ``source``: the PyTorch model an ONNX stage came from, for methods that
+            # score layers before choosing what to quantize.
+            quantize_(target, cfg, calibration=calibration, source=source)
     return current
 
 

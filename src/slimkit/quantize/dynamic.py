@@ -17,6 +17,7 @@ from torch import nn
 from slimkit.config import LayerSelector, SlimConfig
 from slimkit.layers import select_modules, set_module
 from slimkit.quantize.qparams import dequantize_int8, symmetric_int8
+from slimkit.quantize.sensitivity import linear_sensitivity, most_sensitive
 from slimkit.registry import register
 
 
@@ -27,12 +28,15 @@ class DynamicInt8Config(SlimConfig):
         granularity: one weight scale per output channel (``per_channel``, more faithful,
             same speed) or one per layer (``per_tensor``, PyTorch's default).
         layers: which Linear layers; ``ignore`` keeps some in fp32 (a per-layer fallback).
+        fallback_layers: also keep in fp32 the N chosen layers whose quantization moves
+            the output most, measured on calibration data from the train split.
     """
 
     kind = "quantize"
     method = "dynamic_int8"
     granularity: Literal["per_channel", "per_tensor"] = "per_channel"
     layers: LayerSelector = Field(default_factory=LayerSelector)
+    fallback_layers: int = Field(0, ge=0)
 
 
 class DynamicInt8Linear(nn.Module):
@@ -96,9 +100,13 @@ def _emulated_dynamic_linear(x, q, scale, bias):
 
 
 @register(DynamicInt8Config)
-def _apply(model: nn.Module, config: DynamicInt8Config, **_) -> list[str]:
+def _apply(model: nn.Module, config: DynamicInt8Config, calibration=None, **_) -> list[str]:
     names = select_modules(model, config.layers, (nn.Linear,))
     per_channel = config.granularity == "per_channel"
+    if config.fallback_layers:
+        scores = linear_sensitivity(model, names, calibration or [], per_channel)
+        keep = set(most_sensitive(scores, config.fallback_layers))
+        names = [n for n in names if n not in keep]
     for name in names:
         set_module(model, name, DynamicInt8Linear.from_linear(model.get_submodule(name), per_channel))
     return names

@@ -28,6 +28,10 @@ class OrtDynamicInt8Config(SlimConfig):
         quantize_embeddings: store the embedding tables in int8 too (most of a small
             encoder's file).
         layers: layers by their PyTorch qualified names; ``ignore`` keeps them in fp32.
+        fallback_layers: also keep in fp32 the N Linear layers whose quantization moves
+            the output most, scored on the PyTorch model before export with calibration
+            data from the train split (a fused attention node stays fp32 if any of its
+            query/key/value projections is chosen).
     """
 
     kind = "quantize"
@@ -35,6 +39,7 @@ class OrtDynamicInt8Config(SlimConfig):
     per_channel: bool = True
     quantize_embeddings: bool = True
     layers: LayerSelector = Field(default_factory=LayerSelector)
+    fallback_layers: int = Field(0, ge=0)
 
 
 class OrtStaticInt8Config(SlimConfig):
@@ -72,12 +77,16 @@ def _choose_nodes(graph: onnx.GraphProto, selector: LayerSelector, op_types: Ite
 
 
 @register(OrtDynamicInt8Config)
-def _dynamic(model: Any, config: OrtDynamicInt8Config, **_) -> list[str]:
+def _dynamic(model: Any, config: OrtDynamicInt8Config, calibration=None, source=None, **_) -> list[str]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     model = _check_onnx(model, config)
     ops = [o for o in QUANTIZABLE if config.quantize_embeddings or o not in ("Gather", "EmbedLayerNormalization")]
-    keep, layers = _choose_nodes(onnx.load(str(model.path), load_external_data=False).graph, config.layers, ops)
+    graph = onnx.load(str(model.path), load_external_data=False).graph
+    selector = config.layers
+    if config.fallback_layers:
+        selector = _with_fallback(graph, selector, ops, config, calibration, source)
+    keep, layers = _choose_nodes(graph, selector, ops)
     out = model.next_path("int8")
     _quiet()
     quantize_dynamic(
@@ -89,6 +98,27 @@ def _dynamic(model: Any, config: OrtDynamicInt8Config, **_) -> list[str]:
     )
     model.path = out
     return layers
+
+
+def _with_fallback(graph, selector: LayerSelector, ops, config, calibration, source) -> LayerSelector:
+    """``selector`` plus the most sensitive layers in ``ignore``, scored on the PyTorch model."""
+    from torch import nn
+
+    from slimkit.quantize.sensitivity import linear_sensitivity, most_sensitive
+
+    if source is None:
+        raise ConfigError(
+            "fallback_layers scores layers on the PyTorch model before export; call it through a "
+            "recipe (or pass source=<the LoadedModel>), or name the layers in layers.ignore"
+        )
+    onnx_layers = {node_layer_name(n.name, n.op_type) for n in graph.node if n.op_type in ops}
+    linears = [n for n, m in source.module.named_modules() if isinstance(m, nn.Linear)]
+    candidates = [n for n in linears if n in onnx_layers or n.rsplit(".", 1)[0] in onnx_layers]
+    scores = linear_sensitivity(source.module, candidates, calibration or [], config.per_channel)
+    ignore = list(selector.ignore)
+    for name in most_sensitive(scores, config.fallback_layers):
+        ignore.append(name if name in onnx_layers else name.rsplit(".", 1)[0])
+    return selector.model_copy(update={"ignore": sorted(set(ignore))})
 
 
 @register(OrtStaticInt8Config)
