@@ -61,8 +61,9 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Leftovers of a run that was killed outright (no chance to clean up) are removed
-    # here; two runs into the same folder at once are not supported.
-    for stale in path.parent.glob(f".{path.name}.*.partial"):
+    # here; two runs into the same folder at once are not supported. mkdtemp's random
+    # part is 8 characters, so a sibling such as NAME.int8 is never matched.
+    for stale in path.parent.glob(f".{path.name}.{'?' * 8}.partial"):
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
     umask = os.umask(0)

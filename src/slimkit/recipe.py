@@ -129,7 +129,10 @@ def apply_override(raw: dict, item: str) -> None:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {item!r}: {p} is not a mapping")
-    node[parts[-1]] = yaml.safe_load(value)
+    try:
+        node[parts[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({e})") from None
 
 
 def parse_stages(stages: list, where: str, problems: list[str]) -> list[SlimConfig]:
@@ -142,6 +145,9 @@ def parse_stages(stages: list, where: str, problems: list[str]) -> list[SlimConf
             problems.append(f"{path}: a stage is a mapping with one key, the stage kind ({', '.join(kinds())}), e.g. `- quantize: {{method: dynamic_int8}}`")
             continue
         kind, body = next(iter(stage.items()))
+        if body is not None and not isinstance(body, dict):
+            problems.append(f"{path}.{kind}: expected a mapping such as {{method: ...}}, got {body!r}")
+            continue
         body = dict(body or {})
         if kind not in kinds():
             problems.append(f"{path}: unknown stage {kind!r}; known stages: {', '.join(kinds())}")

@@ -99,7 +99,12 @@ def load(folder: str | Path) -> LoadedModel | OnnxModel:
             p.zero_()
     for t in meta["transforms"]:
         config = config_from_dict(t["config"])
-        exact = config.model_copy(update={"layers": LayerSelector(targets=t["layers"] or ["re:^$"])})
+        # Replay on exactly the recorded layers; choices already made (such as layers kept
+        # in fp32 by sensitivity) are in that list, so nothing is measured again.
+        update = {"layers": LayerSelector(targets=t["layers"] or ["re:^$"])}
+        if "fallback_layers" in type(config).model_fields:
+            update["fallback_layers"] = 0
+        exact = config.model_copy(update=update)
         if t["layers"]:
             handler_for(config)(model.module, exact)
     object.__setattr__(model.module, TRANSFORMS_ATTR, list(meta["transforms"]))

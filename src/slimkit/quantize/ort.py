@@ -73,6 +73,9 @@ def _choose_nodes(graph: onnx.GraphProto, selector: LayerSelector, op_types: Ite
     layer_of = {n.name: node_layer_name(n.name, n.op_type) for n in nodes}
     chosen = set(select_names(sorted(set(layer_of.values())), selector))
     keep = [name for name, layer in layer_of.items() if layer not in chosen]
+    # The dynamic quantizer turns each Gemm into a MatMul named NAME_MatMul before it
+    # applies the exclusion list, so both names must be excluded.
+    keep += [f"{n.name}_MatMul" for n in nodes if n.op_type == "Gemm" and n.name in keep]
     return keep, sorted(chosen)
 
 

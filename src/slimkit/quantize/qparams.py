@@ -26,7 +26,9 @@ def groupwise_uint4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, tor
     """
     rows, cols = w.shape
     g = w.detach().float().reshape(rows, cols // group_size, group_size)
-    lo, hi = g.amin(-1), g.amax(-1)
+    # The range always spans zero so that the zero point is a valid code (0..15) even for
+    # a group whose weights are all positive, all negative or all equal.
+    lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)
     scale = ((hi - lo) / 15.0).clamp(min=1e-12)
     zero = torch.round(-lo / scale).clamp(0, 15)
     q = torch.round(g / scale[..., None] + zero[..., None]).clamp(0, 15).to(torch.uint8)

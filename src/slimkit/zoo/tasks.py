@@ -99,7 +99,7 @@ def _read_csv(path: Path, text_column: str, label_column: str) -> tuple[list[str
     if not path.is_file():
         raise DataError(f"{path}: no such file; give 'rt-polarity' or the path of a CSV file")
     raw = path.read_bytes()
-    reader = csv.DictReader(io.StringIO(raw.decode("utf-8", errors="replace")))
+    reader = csv.DictReader(io.StringIO(raw.decode("utf-8-sig", errors="replace")))
     missing = [c for c in (text_column, label_column) if c not in (reader.fieldnames or [])]
     if missing:
         raise DataError(

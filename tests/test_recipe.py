@@ -1,0 +1,211 @@
+"""Recipes: validated before anything runs, every mistake reported at once."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from slimkit.deploy.export import ExportConfig
+from slimkit.errors import ConfigError
+from slimkit.quantize import (
+    DynamicInt8Config,
+    Int4WeightOnlyConfig,
+    Int8WeightOnlyConfig,
+    OrtDynamicInt8Config,
+)
+from slimkit.recipe import MeasureSpec, Recipe, TaskSpec, apply_override
+
+
+def valid_raw() -> dict:
+    return {
+        "name": "minilm-int8",
+        "model": "minilm-l6",
+        "task": {"source": "rt-polarity", "train_limit": 200, "test_limit": 100},
+        "stages": [
+            {"quantize": {"method": "dynamic_int8", "granularity": "per_tensor", "layers": {"ignore": ["pooler.dense"]}}},
+        ],
+        "compare": [
+            {"name": "w4", "stages": [{"quantize": {"method": "int4_weight_only", "group_size": 32}}]},
+            {"name": "onnx-int8", "stages": [{"export": {"optimize": "none"}}, {"quantize": {"method": "ort_dynamic_int8"}}]},
+            {"name": "w8", "stages": [{"quantize": {"method": "int8_weight_only"}}]},
+        ],
+        "measure": {"batch_sizes": [1], "rounds": 3, "iters": 2},
+    }
+
+
+def test_valid_recipe_parses_into_typed_configs():
+    r = Recipe.from_dict(valid_raw())
+    assert r.stages == [DynamicInt8Config.model_validate({"granularity": "per_tensor", "layers": {"ignore": ["pooler.dense"]}})]
+    names = [n for n, _ in r.compare]
+    assert names == ["w4", "onnx-int8", "w8"]
+    w4, onnx_int8, w8 = (cfgs for _, cfgs in r.compare)
+    assert w4 == [Int4WeightOnlyConfig(group_size=32)]
+    # The export stage's method defaults to the only one registered.
+    assert onnx_int8 == [ExportConfig(optimize="none"), OrtDynamicInt8Config()]
+    assert w8 == [Int8WeightOnlyConfig()]
+    assert r.spec.name == "minilm-int8"
+    assert r.spec.task == TaskSpec(source="rt-polarity", train_limit=200, test_limit=100)
+    assert r.spec.measure == MeasureSpec(batch_sizes=[1], rounds=3, iters=2)
+    assert r.spec.measure.warmup == 3 and r.spec.measure.device == "cpu"
+    assert r.spec.variant == "output" and r.spec.output is None
+    assert r.raw is not None and r.raw["name"] == "minilm-int8"
+
+
+def test_every_problem_is_reported_at_once_with_its_key_path():
+    raw = {
+        "name": "bad",
+        "model": "minilm-l6",
+        "colour": "blue",  # unknown top-level key
+        "measure": {"rounds": "seven"},  # wrong type
+        "stages": [
+            {"quantize": {"method": "dynamic_int8"}},
+            {"prune": {"amount": 0.5}},  # unknown stage kind
+            {"quantize": {"method": "int3_magic"}},  # unknown method
+            {"quantize": {"method": "ort_dynamic_int8"}},  # ort_* before export
+            {"export": {}},
+            {"quantize": {"method": "dynamic_int8"}},  # torch method after export
+            {"quantize": {"method": "dynamic_int8", "granularity": "per_row"}},  # bad value
+            {"export": {}},  # second export
+        ],
+        "compare": [
+            {"name": "a", "stages": []},
+            {"name": "a", "stages": []},  # duplicate name
+            {"name": "fp32"},  # clashes with the baseline
+            {"name": "b", "stages": [{"quantize": {"method": "int8_weight_only", "bogus": 1}}]},
+        ],
+    }
+    with pytest.raises(ConfigError) as info:
+        Recipe.from_dict(raw)
+    problems = info.value.problems
+
+    def one(prefix: str, *words: str) -> str:
+        found = [p for p in problems if p.startswith(prefix) and all(w in p for w in words)]
+        assert len(found) == 1, (prefix, words, problems)
+        return found[0]
+
+    one("colour: unknown key")
+    one("measure.rounds: ", "'seven'")
+    one("stages[1]: unknown stage 'prune'", "export, quantize")
+    one("stages[2].quantize.method: unknown method 'int3_magic'", "dynamic_int8")
+    one("stages[3].quantize: method 'ort_dynamic_int8' works on an ONNX model", "export")
+    one("stages[5].quantize: method 'dynamic_int8' works on a PyTorch model", "already exported")
+    one("stages[6].quantize.granularity: ", "'per_row'")
+    one("stages[7]: the model is already exported")
+    one("compare[1].name: 'a' is used twice")
+    one("compare[2].name: 'fp32' is used twice")
+    one("compare[3].stages[0].quantize.bogus: unknown key")
+    assert len(problems) == 11
+    assert str(info.value).startswith("11 problem(s) found:")
+
+
+def test_variant_name_clashing_with_compare_name():
+    raw = valid_raw() | {"variant": "w8"}
+    with pytest.raises(ConfigError) as info:
+        Recipe.from_dict(raw)
+    assert [p for p in info.value.problems if p.startswith("compare[2].name: 'w8' is used twice")]
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"stages": []}, "stages: "),
+        ({"name": "has space"}, "name: "),
+        ({"version": 2}, "version: 2 is not supported; use version: 1"),
+        ({"task": {"train_limit": 1}}, "task.train_limit: "),
+        ({"measure": {"batch_sizes": []}}, "measure.batch_sizes: "),
+        ({"measure": {"device": "tpu"}}, "measure.device: "),
+        ({"stages": ["quantize"]}, "stages[0]: a stage is a mapping with one key"),
+        ({"stages": [{"quantize": {"method": "dynamic_int8"}, "export": {}}]}, "stages[0]: a stage is a mapping with one key"),
+        ({"stages": [{"quantize": None}]}, "stages[0].quantize.method: unknown method None"),
+    ],
+)
+def test_single_mistakes(change, expected):
+    raw = valid_raw() | change
+    with pytest.raises(ConfigError) as info:
+        Recipe.from_dict(raw)
+    assert any(p.startswith(expected) for p in info.value.problems), info.value.problems
+
+
+def test_missing_required_keys():
+    with pytest.raises(ConfigError) as info:
+        Recipe.from_dict({})
+    assert "name: required key is missing; add it" in info.value.problems
+    assert "model: required key is missing; add it" in info.value.problems
+    assert "stages: required key is missing; add it" in info.value.problems
+
+
+def test_not_a_mapping():
+    with pytest.raises(ConfigError, match="not list"):
+        Recipe.from_dict([1, 2])
+
+
+@pytest.mark.parametrize("body", ["dynamic_int8", ["dynamic_int8"]])
+def test_stage_body_that_is_not_a_mapping_is_a_problem(body):
+    raw = valid_raw() | {"stages": [{"quantize": body}]}
+    with pytest.raises(ConfigError) as info:
+        Recipe.from_dict(raw)
+    assert any(p.startswith("stages[0].quantize") for p in info.value.problems)
+
+
+def test_apply_override_sets_nested_values_read_as_yaml():
+    raw = {"measure": {"rounds": 7}}
+    apply_override(raw, "measure.rounds=3")
+    apply_override(raw, "measure.batch_sizes=[1, 8]")
+    apply_override(raw, "measure.energy=false")
+    apply_override(raw, "task.source=data/my.csv")
+    apply_override(raw, "name=run-1")
+    apply_override(raw, "output=")
+    assert raw == {
+        "measure": {"rounds": 3, "batch_sizes": [1, 8], "energy": False},
+        "task": {"source": "data/my.csv"},
+        "name": "run-1",
+        "output": None,
+    }
+
+
+def test_apply_override_value_may_contain_equals():
+    raw: dict = {}
+    apply_override(raw, "task.text_column=a=b")
+    assert raw == {"task": {"text_column": "a=b"}}
+
+
+@pytest.mark.parametrize("item", ["measure.rounds", "=3", ""])
+def test_apply_override_malformed(item):
+    with pytest.raises(ConfigError, match="key.path=value"):
+        apply_override({}, item)
+
+
+def test_apply_override_through_a_non_mapping():
+    with pytest.raises(ConfigError, match="stages is not a mapping"):
+        apply_override({"stages": [{"quantize": {}}]}, "stages.method=x")
+
+
+def test_apply_override_with_invalid_yaml_value_is_a_config_error():
+    with pytest.raises(ConfigError, match="measure.batch_sizes"):
+        apply_override({}, "measure.batch_sizes=[1,")
+
+
+def test_from_file_applies_overrides_before_validating(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(valid_raw()))
+    r = Recipe.from_file(path, ["measure.rounds=5", "compare=[]"])
+    assert r.spec.measure.rounds == 5
+    assert r.compare == []
+    assert r.raw["measure"]["rounds"] == 5
+    with pytest.raises(ConfigError) as info:
+        Recipe.from_file(path, ["measure.rounds=0"])
+    assert [p for p in info.value.problems if p.startswith("measure.rounds: ")]
+
+
+def test_from_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="no such recipe file"):
+        Recipe.from_file(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        Recipe.from_file(bad)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    with pytest.raises(ConfigError) as info:
+        Recipe.from_file(empty)
+    assert "name: required key is missing; add it" in info.value.problems

@@ -1,0 +1,116 @@
+"""The registry: every registered config survives to_dict -> config_from_dict."""
+
+from __future__ import annotations
+
+import pytest
+
+from slimkit import registry
+from slimkit.config import LayerSelector, SlimConfig
+from slimkit.deploy.export import ExportConfig
+from slimkit.errors import ConfigError
+from slimkit.quantize import DynamicInt8Config, quantize_
+
+EXPECTED = {
+    "export": ["onnx"],
+    "quantize": [
+        "dynamic_int8",
+        "int4_weight_only",
+        "int8_weight_only",
+        "low_precision",
+        "ort_dynamic_int8",
+        "ort_static_int8",
+    ],
+}
+
+
+def all_config_classes() -> list[type[SlimConfig]]:
+    return [registry.config_class(k, m) for k in registry.kinds() for m in registry.methods(k)]
+
+
+def test_kinds_and_methods():
+    assert registry.kinds() == sorted(EXPECTED)
+    for kind, methods in EXPECTED.items():
+        assert registry.methods(kind) == methods
+    assert registry.methods("prune") == []
+    assert registry.config_class("quantize", "int3") is None
+
+
+@pytest.mark.parametrize("cls", all_config_classes(), ids=lambda c: c.__name__)
+def test_default_config_round_trips(cls):
+    cfg = cls()
+    data = cfg.to_dict()
+    assert (data["kind"], data["method"]) == (cls.kind, cls.method)
+    assert registry.config_class(cls.kind, cls.method) is cls
+    back = registry.config_from_dict(data)
+    assert type(back) is cls
+    assert back == cfg
+
+
+def test_non_default_configs_round_trip():
+    for cfg in [
+        DynamicInt8Config(granularity="per_tensor", layers=LayerSelector(targets=["re:0|2"], ignore=["2"])),
+        ExportConfig(opset=18, optimize="none"),
+    ]:
+        assert registry.config_from_dict(cfg.to_dict()) == cfg
+
+
+def test_every_registered_class_has_a_handler():
+    for cls in all_config_classes():
+        assert callable(registry.handler_for(cls()))
+
+
+def test_config_from_dict_unknown_method():
+    with pytest.raises(ConfigError) as info:
+        registry.config_from_dict({"kind": "quantize", "method": "int3", "version": 1})
+    (problem,) = info.value.problems
+    assert "'int3'" in problem and "dynamic_int8" in problem
+
+
+def test_config_from_dict_does_not_mutate_its_input():
+    data = DynamicInt8Config().to_dict()
+    registry.config_from_dict(data)
+    assert data["kind"] == "quantize" and data["method"] == "dynamic_int8"
+
+
+def test_handler_for_unregistered_config():
+    class Orphan(SlimConfig):
+        kind = "quantize"
+        method = "orphan"
+
+    with pytest.raises(ConfigError, match="Orphan"):
+        registry.handler_for(Orphan())
+
+
+def test_register_refuses_a_second_class_under_the_same_name(monkeypatch):
+    monkeypatch.setattr(registry, "_CONFIGS", dict(registry._CONFIGS))
+    monkeypatch.setattr(registry, "_HANDLERS", dict(registry._HANDLERS))
+
+    class Impostor(SlimConfig):
+        kind = "quantize"
+        method = "dynamic_int8"
+
+    with pytest.raises(RuntimeError, match="dynamic_int8"):
+        registry.register(Impostor)(lambda *a, **k: [])
+
+
+def test_register_a_new_method(monkeypatch):
+    monkeypatch.setattr(registry, "_CONFIGS", dict(registry._CONFIGS))
+    monkeypatch.setattr(registry, "_HANDLERS", dict(registry._HANDLERS))
+
+    class Noop(SlimConfig):
+        kind = "quantize"
+        method = "noop_for_test"
+
+    @registry.register(Noop)
+    def noop(model, config, **_):
+        return ["x"]
+
+    assert "noop_for_test" in registry.methods("quantize")
+    model = type("M", (), {})()
+    assert quantize_(model, Noop()) == ["x"]
+    assert model._slimkit_transforms == [{"config": Noop().to_dict(), "layers": ["x"]}]
+
+
+def test_quantize_refuses_a_config_of_another_kind():
+    with pytest.raises(ConfigError, match="ExportConfig"):
+        quantize_(object(), ExportConfig())
