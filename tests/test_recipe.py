@@ -116,7 +116,7 @@ def test_variant_name_clashing_with_compare_name():
         ({"measure": {"device": "tpu"}}, "measure.device: "),
         ({"stages": ["quantize"]}, "stages[0]: a stage is a mapping with one key"),
         ({"stages": [{"quantize": {"method": "dynamic_int8"}, "export": {}}]}, "stages[0]: a stage is a mapping with one key"),
-        ({"stages": [{"quantize": None}]}, "stages[0].quantize.method: unknown method None"),
+        ({"stages": [{"quantize": {"method": None, "bits": 3}}]}, "stages[0].quantize.bits: unknown key"),
     ],
 )
 def test_single_mistakes(change, expected):
@@ -209,3 +209,10 @@ def test_from_file_errors(tmp_path):
     with pytest.raises(ConfigError) as info:
         Recipe.from_file(empty)
     assert "name: required key is missing; add it" in info.value.problems
+
+
+def test_a_quantize_stage_without_method_takes_the_default_for_where_the_model_is():
+    recipe = Recipe.from_dict({"name": "d", "model": "m", "stages": [
+        {"quantize": None}, {"export": {}}, {"quantize": {"per_channel": False}}]})
+    assert [c.method for c in recipe.stages] == ["dynamic_int8", "onnx", "ort_dynamic_int8"]
+    assert recipe.stages[2].per_channel is False

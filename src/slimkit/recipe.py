@@ -152,7 +152,7 @@ def parse_stages(stages: list, where: str, problems: list[str]) -> list[SlimConf
         if kind not in kinds():
             problems.append(f"{path}: unknown stage {kind!r}; known stages: {', '.join(kinds())}")
             continue
-        method = body.pop("method", None) or _default_method(kind)
+        method = body.pop("method", None) or _default_method(kind, exported)
         cls = config_class(kind, method) if method else None
         if cls is None:
             problems.append(f"{path}.{kind}.method: unknown method {method!r}; choose one of {', '.join(methods(kind))}")
@@ -175,6 +175,13 @@ def parse_stages(stages: list, where: str, problems: list[str]) -> list[SlimConf
     return out
 
 
-def _default_method(kind: str) -> str | None:
+# Without a method, a stage takes the fastest faithful one for where the model is: on an
+# exported model ONNX Runtime's dynamic int8, on a PyTorch model PyTorch's.
+DEFAULT_METHODS = {("quantize", False): "dynamic_int8", ("quantize", True): "ort_dynamic_int8"}
+
+
+def _default_method(kind: str, exported: bool) -> str | None:
     options = methods(kind)
-    return options[0] if len(options) == 1 else None
+    if len(options) == 1:
+        return options[0]
+    return DEFAULT_METHODS.get((kind, exported))

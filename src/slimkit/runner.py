@@ -19,6 +19,7 @@ from slimkit.atomic import atomic_dir, write_json, write_text
 from slimkit.config import SlimConfig
 from slimkit.deploy.export import export
 from slimkit.deploy.onnx_model import OnnxModel
+from slimkit.errors import ConfigError
 from slimkit.measure import energy as energy_mod
 from slimkit.measure.inputs import fixed_length_batch
 from slimkit.measure.latency import measure_latency
@@ -89,6 +90,11 @@ def run(recipe: Recipe, output: str | Path | None = None, progress: bool = True)
     with Progress(*columns, disable=not progress, transient=False) as bar, atomic_dir(out_dir) as tmp:
         step = bar.add_task("load model and task", total=2)
         model = load_model(spec.model)
+        if model.tokenizer is None:
+            raise ConfigError(
+                f"model: {spec.model!r} has no tokenizer, but task {spec.task.source!r} is a text "
+                "task; give a Hugging Face model directory (with its tokenizer files)"
+            )
         bar.advance(step)
         data = load_task(spec.task.source, spec.task.text_column, spec.task.label_column).limited(
             spec.task.train_limit, spec.task.test_limit
@@ -128,8 +134,9 @@ def run(recipe: Recipe, output: str | Path | None = None, progress: bool = True)
                 results[v.name].update(peak_rss(v.folder, one, m.threads))
                 bar.advance(step)
         if m.energy:
-            _energy(variants, model, m.seq_len, results, runners, feeds)
+            _energy(variants, model, m.seq_len, results, runners, feeds, device)
 
+        step = bar.add_task("write model, metrics and report", total=1)
         metrics = _metrics(recipe, variants, results, data, device)
         write_json(tmp / "metrics.json", metrics)
         write_text(tmp / "recipe.yaml", yaml.safe_dump(recipe.raw, sort_keys=False))
@@ -138,6 +145,7 @@ def run(recipe: Recipe, output: str | Path | None = None, progress: bool = True)
         from slimkit.report import render_report
 
         render_report(metrics, tmp / "report.html")
+        bar.advance(step)
     return out_dir
 
 
@@ -177,7 +185,7 @@ def _accuracy(variants, runners, model, data, results, bar) -> None:
         results[v.name]["accuracy"] = task_metrics(head, ref_test, ref_nn, te, data.test_labels, tr, data.train_labels, base_acc)
 
 
-def _energy(variants, model, seq_len, results, runners, feeds) -> None:
+def _energy(variants, model, seq_len, results, runners, feeds, device) -> None:
     ids = torch.from_numpy(feeds[min(feeds)]["input_ids"][:1, :seq_len])
     per_layer, total = energy_mod.linear_macs(model.module, (ids, torch.ones_like(ids), torch.zeros_like(ids)))
     for v in variants:
@@ -187,7 +195,7 @@ def _energy(variants, model, seq_len, results, runners, feeds) -> None:
             if kind:
                 low.update({layer: kind for layer in t["layers"]})
         est = energy_mod.estimate(total, per_layer, low, v.weights_file.stat().st_size)
-        est["measured"] = energy_mod.measured_energy(_call(runners[v.name], feeds[min(feeds)]))
+        est["measured"] = energy_mod.measured_energy(_call(runners[v.name], feeds[min(feeds)]), device)
         results[v.name]["energy"] = est
 
 

@@ -76,17 +76,41 @@ def estimate(total_macs: int, per_layer_macs: dict[str, int], low_layers: dict[s
 RAPL = Path("/sys/class/powercap/intel-rapl:0/energy_uj")
 
 
-def measured_energy(call: Callable[[], object], seconds: float = 3.0) -> dict | None:
-    """Joules per call from Linux RAPL (whole CPU package), or None where not readable."""
+def energy_counter(device: str = "cpu") -> tuple[str, Callable[[], float]] | None:
+    """A cumulative energy counter in millijoules for ``device``, or None if there is none.
+
+    NVIDIA GPUs: NVML's total energy (needs the ``pynvml`` package). CPUs: Linux RAPL's
+    package counter, where the kernel exposes it and it is readable.
+    """
+    if device.startswith("cuda"):
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+            pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)
+            return "NVML total energy (whole GPU)", lambda: float(pynvml.nvmlDeviceGetTotalEnergyConsumption(handle))
+        except Exception:  # no pynvml, no permission, or an unsupported GPU
+            return None
     try:
-        start = int(RAPL.read_text())
+        int(RAPL.read_text())
     except (OSError, ValueError):
         return None
+    return "RAPL package (whole CPU, includes idle and other load)", lambda: int(RAPL.read_text()) / 1000.0
+
+
+def measured_energy(call: Callable[[], object], device: str = "cpu", seconds: float = 3.0) -> dict | None:
+    """Millijoules per call read from a real counter, or None where none is readable."""
+    counter = energy_counter(device)
+    if counter is None:
+        return None
+    name, read = counter
+    start = read()
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         call()
         n += 1
-    end = int(RAPL.read_text())
+    end = read()
     if end < start:  # the counter wrapped
         return None
-    return {"mj_per_inference": (end - start) / 1000.0 / n, "counter": "RAPL package (includes idle and other load)"}
+    return {"mj_per_inference": (end - start) / n, "counter": name}
