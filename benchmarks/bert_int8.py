@@ -87,8 +87,7 @@ def main() -> int:
             for x in metrics["variants"]
         ],
     }
-    path = write_result("bert_int8", metrics["harness"]["machine"]["cores"] and RECIPE["measure"]["threads"],
-                        metrics["harness"]["device"], summary, targets, args.out)
+    path = write_result("bert_int8", metrics["harness"]["threads"], metrics["harness"]["device"], summary, targets, args.out)
     print(path.read_text())
     return 0
 

@@ -186,3 +186,18 @@ def test_atomic_dir_leaves_a_sibling_run_in_progress_alone(tmp_path):
         if not sibling_survived:
             sibling.mkdir()  # let the outer block finish cleanly
     assert sibling_survived
+
+
+def test_files_get_the_usual_mode_even_when_the_writer_replaces_them(tmp_path):
+    import os
+
+    def writer(tmp):  # like safetensors: write elsewhere, then move over the given path
+        other = tmp.with_name("other")
+        other.write_text("x")
+        other.chmod(0o600)
+        os.replace(other, tmp)
+
+    write_with(tmp_path / "f", writer)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "f").stat().st_mode & 0o777 == 0o666 & ~mask

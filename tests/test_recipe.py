@@ -216,3 +216,30 @@ def test_a_quantize_stage_without_method_takes_the_default_for_where_the_model_i
         {"quantize": None}, {"export": {}}, {"quantize": {"per_channel": False}}]})
     assert [c.method for c in recipe.stages] == ["dynamic_int8", "onnx", "ort_dynamic_int8"]
     assert recipe.stages[2].per_channel is False
+
+
+def problems_of(raw):
+    with pytest.raises(ConfigError) as err:
+        Recipe.from_dict(raw)
+    return err.value.problems
+
+
+def test_output_variant_may_not_be_called_like_the_baseline():
+    problems = problems_of({"name": "d", "model": "m", "variant": "fp32", "stages": [{"quantize": None}]})
+    assert problems == ["variant: 'fp32' is the name of the baseline; give the output variant another name"]
+
+
+def test_batch_sizes_must_be_positive():
+    problems = problems_of({"name": "d", "model": "m", "stages": [{"quantize": None}], "measure": {"batch_sizes": [1, 0]}})
+    assert len(problems) == 1 and problems[0].startswith("measure.batch_sizes.1")
+
+
+def test_a_stage_written_as_a_string_is_reported_once():
+    problems = problems_of({"name": "d", "model": "m", "stages": ["dynamic_int8"]})
+    assert len(problems) == 1 and problems[0].startswith("stages[0]: a stage is a mapping")
+
+
+def test_a_broken_export_still_counts_as_an_export_for_later_stages():
+    problems = problems_of({"name": "d", "model": "m", "stages": [
+        {"export": {"opset": "seventeen"}}, {"quantize": {"method": "ort_dynamic_int8"}}]})
+    assert len(problems) == 1 and problems[0].startswith("stages[0].export.opset")

@@ -6,7 +6,7 @@ Every mistake in a recipe is reported at once, each with its key path and the fi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -35,7 +35,7 @@ class TaskSpec(_Strict):
 class MeasureSpec(_Strict):
     """Harness settings, the same for every variant."""
 
-    batch_sizes: list[int] = Field(default_factory=lambda: [1, 8], min_length=1)
+    batch_sizes: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 8], min_length=1)
     seq_len: int = Field(128, ge=4)
     threads: int = Field(2, ge=1)
     device: Literal["cpu", "cuda", "auto"] = "cpu"
@@ -49,7 +49,7 @@ class MeasureSpec(_Strict):
 
 class VariantSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    stages: list[dict[str, Any]] = Field(default_factory=list)
+    stages: list[Any] = Field(default_factory=list)
 
 
 class RecipeSpec(_Strict):
@@ -58,7 +58,7 @@ class RecipeSpec(_Strict):
     model: str
     task: TaskSpec = Field(default_factory=TaskSpec)
     variant: str = Field("output", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    stages: list[dict[str, Any]] = Field(min_length=1)
+    stages: list[Any] = Field(min_length=1)
     compare: list[VariantSpec] = Field(default_factory=list)
     measure: MeasureSpec = Field(default_factory=MeasureSpec)
     output: str | None = None
@@ -91,6 +91,8 @@ class Recipe:
             spec = None
         stages = parse_stages(raw.get("stages") or [], "stages", problems)
         compare = []
+        if raw.get("variant") == "fp32":
+            problems.append("variant: 'fp32' is the name of the baseline; give the output variant another name")
         names = {raw.get("variant", "output"), "fp32"}
         for i, v in enumerate(raw.get("compare") or []):
             if isinstance(v, dict):
@@ -153,6 +155,12 @@ def parse_stages(stages: list, where: str, problems: list[str]) -> list[SlimConf
             problems.append(f"{path}: unknown stage {kind!r}; known stages: {', '.join(kinds())}")
             continue
         method = body.pop("method", None) or _default_method(kind, exported)
+        if kind == "export":
+            if exported:
+                problems.append(f"{path}: the model is already exported; keep one export stage")
+            # Counted even when its fields are wrong, so later stages are judged in the
+            # right place and the user is not told to add an export they already have.
+            exported = True
         cls = config_class(kind, method) if method else None
         if cls is None:
             problems.append(f"{path}.{kind}.method: unknown method {method!r}; choose one of {', '.join(methods(kind))}")
@@ -163,13 +171,9 @@ def parse_stages(stages: list, where: str, problems: list[str]) -> list[SlimConf
             problems += format_validation_error(err, f"{path}.{kind}")
             continue
         onnx_method = method.startswith("ort_")
-        if kind == "export":
-            if exported:
-                problems.append(f"{path}: the model is already exported; keep one export stage")
-            exported = True
-        elif onnx_method and not exported:
+        if kind != "export" and onnx_method and not exported:
             problems.append(f"{path}.{kind}: method {method!r} works on an ONNX model; put an `export` stage before it")
-        elif exported and not onnx_method:
+        elif kind != "export" and exported and not onnx_method:
             problems.append(f"{path}.{kind}: method {method!r} works on a PyTorch model but the model is already exported; move it before the export stage or use an ort_* method")
         out.append(cfg)
     return out

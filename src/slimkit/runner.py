@@ -33,6 +33,8 @@ from slimkit.zoo.tasks import TextClassificationData, load_task
 
 METRICS_SCHEMA_VERSION = 1
 BASELINE = "fp32"
+# Methods whose chosen layers are stored in int8 (embedding tables among them).
+INT8_STORAGE = {"int8_weight_only", "ort_dynamic_int8", "ort_static_int8"}
 LOW_PRECISION = {"dynamic_int8": "int8", "ort_dynamic_int8": "int8", "ort_static_int8": "int8", "low_precision": "fp16"}
 
 
@@ -101,7 +103,8 @@ def run(recipe: Recipe, output: str | Path | None = None, progress: bool = True)
         )
         bar.advance(step)
         feeds = {b: fixed_length_batch(model.tokenizer, data.test_texts, b, m.seq_len, model.max_seq_len) for b in m.batch_sizes}
-        calibration = _calibration_feeds(model, data)
+        wanted = [getattr(c, "calibration_samples", 0) for c in recipe.stages + [c for _, cs in recipe.compare for c in cs]]
+        calibration = _calibration_feeds(model, data, max([128, *wanted]))
 
         plan = [(BASELINE, [], False), (spec.variant, recipe.stages, True)] + [(n, c, False) for n, c in recipe.compare]
         step = bar.add_task("build variants", total=len(plan))
@@ -159,7 +162,7 @@ def _remove_workdir(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _calibration_feeds(model: LoadedModel, data: TextClassificationData, n: int = 128) -> list[dict[str, np.ndarray]]:
+def _calibration_feeds(model: LoadedModel, data: TextClassificationData, n: int) -> list[dict[str, np.ndarray]]:
     """Single sentences from the train split, as static quantization calibrates on them."""
     feeds = []
     for text in data.train_texts[:n]:
@@ -188,14 +191,22 @@ def _accuracy(variants, runners, model, data, results, bar) -> None:
 def _energy(variants, model, seq_len, results, runners, feeds, device) -> None:
     ids = torch.from_numpy(feeds[min(feeds)]["input_ids"][:1, :seq_len])
     per_layer, total = energy_mod.linear_macs(model.module, (ids, torch.ones_like(ids), torch.zeros_like(ids)))
+    tables = [(n, m.weight.numel(), m.embedding_dim) for n, m in model.module.named_modules() if isinstance(m, torch.nn.Embedding)]
     for v in variants:
-        low = {}
+        low, int8_stored = {}, []
         for t in v.transforms:
             kind = LOW_PRECISION.get(t["config"]["method"])
             if kind:
                 low.update({layer: kind for layer in t["layers"]})
-        est = energy_mod.estimate(total, per_layer, low, v.weights_file.stat().st_size)
-        est["measured"] = energy_mod.measured_energy(_call(runners[v.name], feeds[min(feeds)]), device)
+            if t["config"]["method"] in INT8_STORAGE:
+                int8_stored += t["layers"]
+        read = energy_mod.weight_bytes_read(v.weights_file.stat().st_size, tables, int8_stored, ids.shape[1])
+        est = energy_mod.estimate(total, per_layer, low, read)
+        batch = min(feeds)
+        measured = energy_mod.measured_energy(_call(runners[v.name], feeds[batch]), device)
+        if measured is not None:  # per sequence, as the estimate is
+            measured["mj_per_inference"] /= batch
+        est["measured"] = measured
         results[v.name]["energy"] = est
 
 

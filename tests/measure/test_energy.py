@@ -117,3 +117,13 @@ def test_measured_energy_counter_wrap(monkeypatch, tmp_path):
     counter.write_text("5000")
     monkeypatch.setattr(energy, "RAPL", counter)
     assert energy.measured_energy(lambda: counter.write_text("10"), seconds=0.01) is None
+
+
+def test_weight_bytes_read_counts_only_the_gathered_embedding_rows():
+    tables = [("emb.word", 1000 * 8, 8), ("emb.pos", 64 * 8, 8)]
+    file_bytes = 4 * (1000 * 8 + 64 * 8) + 5000  # fp32 tables plus 5000 bytes of other weights
+    fp32 = energy.weight_bytes_read(file_bytes, tables, [], tokens=16)
+    assert fp32 == 5000 + 2 * 16 * 8 * 4
+    int8_file = (1000 * 8 + 64 * 8) + 5000
+    int8 = energy.weight_bytes_read(int8_file, tables, ["emb"], tokens=16)
+    assert int8 == 5000 + 2 * 16 * 8

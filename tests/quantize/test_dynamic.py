@@ -128,7 +128,8 @@ def test_no_bias_and_any_leading_shape():
 
 
 def test_emulated_path_for_other_dtypes_matches_reference():
-    # float64 input takes the floating-point emulation (8-bit activations, no fbgemm).
+    # float64 input takes the floating-point emulation (no fbgemm), which uses the same
+    # 7-bit activation grid as the CPU kernel: the two paths agree almost exactly.
     module, _ = mlp()
     x = inputs(256)
     with torch.no_grad():
@@ -137,8 +138,8 @@ def test_emulated_path_for_other_dtypes_matches_reference():
         out64 = module(x.double())
         out32 = module(x)
     assert out64.dtype == torch.float64
-    assert sqnr_db(ref, out64) >= 35.0  # measured 39.1 dB
-    assert sqnr_db(out32, out64.float()) >= 30.0  # the two paths agree (measured 32.6 dB)
+    assert sqnr_db(ref, out64) >= 30.0  # measured 33.6 dB
+    assert sqnr_db(out32, out64.float()) >= 100.0  # measured 147 dB
 
 
 def test_packed_weights_are_refreshed_after_load_state_dict():

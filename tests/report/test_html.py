@@ -85,7 +85,7 @@ def test_header_targets_and_energy(metrics, tmp_path):
 
 
 def test_measured_energy_is_shown_when_present(metrics, tmp_path):
-    metrics["variants"][4]["energy"]["measured"] = 12.345
+    metrics["variants"][4]["energy"]["measured"] = {"mj_per_inference": 12.345, "counter": "RAPL package"}
     html = render(metrics, tmp_path)
     assert "Measured (mJ)" in html
     assert "12.3" in html

@@ -40,11 +40,16 @@ def test_split_is_deterministic_and_shuffled():
     assert a.test_texts != texts[:10] and a.test_texts != texts[-10:]
 
 
-@pytest.mark.parametrize(("n", "n_test"), [(2, 1), (3, 1), (7, 1), (8, 2), (10, 2), (13, 3)])
+@pytest.mark.parametrize(("n", "n_test"), [(3, 1), (7, 1), (8, 2), (10, 2), (13, 3)])
 def test_split_sizes_round(n, n_test):
     texts, labels, names = data(n)
     d = split("toy", texts, labels, names)
     assert len(d.test_texts) == n_test and len(d.train_texts) == n - n_test
+
+
+def test_split_whose_train_part_has_one_label():
+    with pytest.raises(DataError, match="train part .* has a single label"):
+        split("toy", ["a", "b"], np.array([0, 1]), ["neg", "pos"])
 
 
 def test_split_empty():
@@ -131,9 +136,9 @@ def test_csv_with_one_label(tmp_path):
 
 def test_csv_with_byte_order_mark(tmp_path):
     path = tmp_path / "d.csv"
-    path.write_bytes("text,label\na,1\nb,0\nc,1\n".encode("utf-8-sig"))
+    path.write_bytes("text,label\na,1\nb,0\nc,1\nd,0\ne,1\nf,0\n".encode("utf-8-sig"))
     d = load_task(str(path))
-    assert sorted(d.train_texts + d.test_texts) == ["a", "b", "c"]
+    assert sorted(d.train_texts + d.test_texts) == ["a", "b", "c", "d", "e", "f"]
 
 
 @pytest.mark.integration

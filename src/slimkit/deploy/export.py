@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tempfile
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -34,6 +35,22 @@ class ExportConfig(SlimConfig):
     optimize: Literal["auto", "none"] = "auto"
 
 
+@contextmanager
+def _eager_attention(module: torch.nn.Module):
+    """Trace Hugging Face attention in its eager form (matmul, softmax, matmul), the
+    pattern ONNX Runtime fuses into one Attention kernel; restore the module afterwards."""
+    backbone = getattr(module, "backbone", None)
+    before = getattr(getattr(backbone, "config", None), "_attn_implementation", None)
+    if before is None or before == "eager" or not hasattr(backbone, "set_attn_implementation"):
+        yield
+        return
+    backbone.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        backbone.set_attn_implementation(before)
+
+
 @register(ExportConfig)
 def export(model: LoadedModel, config: ExportConfig | None = None, workdir: Path | None = None, **_) -> OnnxModel:
     """Export ``model`` to an ONNX file under ``workdir`` and return it as an :class:`OnnxModel`."""
@@ -56,7 +73,7 @@ def export(model: LoadedModel, config: ExportConfig | None = None, workdir: Path
         names = [f"input_{i}" for i in range(len(args))]
         axes = {n: {0: "batch"} for n in names}
         outputs = ["output"]
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), _eager_attention(module):
         warnings.simplefilter("ignore")
         # The TorchScript exporter names nodes by module path and produces the attention
         # pattern that ONNX Runtime's optimizer fuses; the dynamo exporter does neither yet.

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-SOURCE = "Horowitz, ISSCC 2014, 45 nm (estimate: MACs by type + weight bytes from DRAM)"
+SOURCE = "Horowitz, ISSCC 2014, 45 nm (estimate: MACs by type + weight bytes read from DRAM)"
 # Energy in picojoules.
 PJ_PER_MAC = {
     "fp32": 3.7 + 0.9,   # fp32 multiply + add
@@ -59,7 +59,7 @@ def estimate(total_macs: int, per_layer_macs: dict[str, int], low_layers: dict[s
     by_type = {"fp32": total_macs, "int8": 0, "fp16": 0}
     for name, macs in per_layer_macs.items():
         for prefix, kind in low_layers.items():
-            if name == prefix or name.startswith(prefix + "."):
+            if _covered(name, [prefix]):
                 by_type[kind] += macs
                 by_type["fp32"] -= macs
                 break
@@ -71,6 +71,30 @@ def estimate(total_macs: int, per_layer_macs: dict[str, int], low_layers: dict[s
         "bytes_moved": int(weight_bytes),
         "source": SOURCE,
     }
+
+
+def _covered(name: str, prefixes) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def weight_bytes_read(file_bytes: int, tables: list[tuple[str, int, int]], int8_layers: list[str], tokens: int) -> int:
+    """Bytes of weights read for one sequence of ``tokens`` tokens.
+
+    Every weight in the file is read, except embedding tables, of which only the rows of
+    the sequence's tokens are.
+
+    Args:
+        file_bytes: size of the weights file.
+        tables: ``(qualified name, number of elements, row width)`` of each fp32 embedding table.
+        int8_layers: layers (or prefixes) stored in int8; other tables count 4 bytes a value.
+        tokens: the sequence length.
+    """
+    total = file_bytes
+    for name, numel, dim in tables:
+        per_value = 1 if _covered(name, int8_layers) else 4
+        total -= numel * per_value
+        total += min(tokens, numel // dim) * dim * per_value
+    return max(total, 0)
 
 
 RAPL = Path("/sys/class/powercap/intel-rapl:0/energy_uj")

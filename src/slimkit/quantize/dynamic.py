@@ -91,11 +91,14 @@ class DynamicInt8Linear(nn.Module):
 
 
 def _emulated_dynamic_linear(x, q, scale, bias):
+    # The same 7-bit activation range as the CPU kernel, so that a recipe gives the same
+    # numbers on every device.
+    levels = 127.0
     lo = x.detach().amin().clamp(max=0)
     hi = x.detach().amax().clamp(min=0)
-    s = ((hi - lo) / 255.0).clamp(min=1e-12)
+    s = ((hi - lo) / levels).clamp(min=1e-12)
     zp = torch.round(-lo / s)
-    xq = (torch.round(x / s + zp).clamp(0, 255) - zp) * s
+    xq = (torch.round(x / s + zp).clamp(0, levels) - zp) * s
     return F.linear(xq, dequantize_int8(q, scale).to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 

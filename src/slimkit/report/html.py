@@ -268,6 +268,7 @@ def _energy(variants: list[dict[str, Any]]) -> dict[str, Any]:
     rows = []
     for v in variants:
         e = v.get("energy") or {}
+        measured = (e.get("measured") or {}).get("mj_per_inference")
         rows.append({
             "name": _text(v.get("name")),
             "is_output": bool(v.get("is_output")),
@@ -275,8 +276,8 @@ def _energy(variants: list[dict[str, Any]]) -> dict[str, Any]:
             "gmacs": _fmt(e.get("macs"), "{:.2f}", 1e-9),
             "int8": _pct(e.get("int8_mac_fraction")),
             "bytes": _mb(e.get("bytes_moved")),
-            "measured": _fmt(e.get("measured")),
-            "has_measured": _num(e.get("measured")) is not None,
+            "measured": _fmt(measured),
+            "has_measured": _num(measured) is not None,
         })
     sources = sorted({str(_get(v, "energy", "source")) for v in variants
                       if _get(v, "energy", "source")})

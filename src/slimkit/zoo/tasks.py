@@ -69,6 +69,11 @@ def split(name: str, texts: list[str], labels: np.ndarray, names: list[str]) -> 
     order = np.random.default_rng(SPLIT_SEED).permutation(len(texts))
     n_test = max(1, int(round(len(texts) * TEST_FRACTION)))
     test, train = order[:n_test], order[n_test:]
+    if len(set(labels[train].tolist())) < 2:
+        raise DataError(
+            f"{name}: after the {1 - TEST_FRACTION:.0%}/{TEST_FRACTION:.0%} split the train part "
+            f"({len(train)} rows) has a single label; give more labelled rows of each label"
+        )
     return TextClassificationData(
         name, [texts[i] for i in train], labels[train], [texts[i] for i in test], labels[test], names
     )
