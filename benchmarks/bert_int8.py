@@ -51,7 +51,7 @@ RECIPE = {
             {"quantize": {"method": "ort_dynamic_int8", "fallback_layers": 4}},
         ]},
     ],
-    "measure": {"batch_sizes": [1, 8], "seq_len": 128, "threads": 2, "rounds": 9, "iters": 10, "warmup": 5},
+    "measure": {"batch_sizes": [1, 8], "seq_len": 128, "threads": 2, "rounds": 25, "iters": 5, "warmup": 5},
 }
 QUICK = {"task": {"source": "rt-polarity", "train_limit": 200, "test_limit": 100},
          "measure": {"batch_sizes": [1, 8], "seq_len": 128, "threads": 2, "rounds": 1, "iters": 2, "warmup": 1}}

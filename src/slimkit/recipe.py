@@ -42,6 +42,7 @@ class MeasureSpec(_Strict):
     rounds: int = Field(7, ge=1)
     iters: int = Field(10, ge=1)
     warmup: int = Field(3, ge=0)
+    settle_ms: float = Field(50.0, ge=0)
     accuracy: bool = True
     memory: bool = True
     energy: bool = True

@@ -124,7 +124,8 @@ def run(recipe: Recipe, output: str | Path | None = None, progress: bool = True)
         for b, feed in feeds.items():
             step = bar.add_task(f"latency, batch {b}", total=m.rounds)
             calls = {n: _call(r, feed) for n, r in runners.items()}
-            lat = measure_latency(calls, BASELINE, b, m.rounds, m.iters, m.warmup, progress=lambda s=step: bar.advance(s))
+            lat = measure_latency(calls, BASELINE, b, m.rounds, m.iters, m.warmup,
+                                  progress=lambda s=step: bar.advance(s), settle_s=m.settle_ms / 1000.0)
             for n, stats in lat.items():
                 results[n]["latency"][str(b)] = stats
 
@@ -263,7 +264,7 @@ def _metrics(recipe: Recipe, variants: list[Variant], results: dict, data: TextC
         "recipe": recipe.spec.name,
         "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "harness": {"threads": m.threads, "seq_len": m.seq_len, "batch_sizes": m.batch_sizes, "rounds": m.rounds,
-                    "iters": m.iters, "warmup": m.warmup, "device": device,
+                    "iters": m.iters, "warmup": m.warmup, "settle_ms": m.settle_ms, "device": device,
                     "machine": info["machine"], "versions": info["versions"]},
         "task": {"name": data.name, "train_size": len(data.train_texts), "test_size": len(data.test_texts)},
         "baseline": BASELINE,

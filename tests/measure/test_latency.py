@@ -22,7 +22,8 @@ class FakeClock:
 @pytest.fixture
 def clock(monkeypatch):
     c = FakeClock()
-    monkeypatch.setattr(latency, "time", types.SimpleNamespace(perf_counter=c.perf_counter))
+    # The settle pause is not timed; the fake clock skips it so the tests do not wait.
+    monkeypatch.setattr(latency, "time", types.SimpleNamespace(perf_counter=c.perf_counter, sleep=lambda s: None))
     return c
 
 
@@ -64,15 +65,15 @@ def test_calls_warmup_then_rounds_times_iters(clock):
     calls = fake_calls(clock, {"a": 1.0, "b": 1.0}, log)
     latency.measure_latency(calls, "a", batch_size=1, rounds=5, iters=3, warmup=2)
     assert log[:4] == ["a", "a", "b", "b"]  # warm-up first
-    assert log.count("a") == log.count("b") == 2 + 5 * 3
+    assert log.count("a") == log.count("b") == 2 + 5 * (1 + 3)  # one untimed call per turn
 
 
 def test_order_rotates_every_round(clock):
     log: list[str] = []
     calls = fake_calls(clock, {"a": 1.0, "b": 2.0, "c": 3.0}, log)
     latency.measure_latency(calls, "a", batch_size=1, rounds=4, iters=2, warmup=0)
-    blocks = [log[i] for i in range(0, len(log), 2)]  # one entry per (round, variant)
-    assert all(log[i] == log[i + 1] for i in range(0, len(log), 2))  # iters run back to back
+    blocks = [log[i] for i in range(0, len(log), 3)]  # one entry per (round, variant)
+    assert all(log[i] == log[i + 1] == log[i + 2] for i in range(0, len(log), 3))  # back to back
     assert blocks == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]
 
 
@@ -103,7 +104,8 @@ def test_ratio_is_the_median_of_per_round_ratios(clock):
 
 
 def test_percentiles(clock):
-    durations = iter([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0])
+    # The first call of the turn is untimed: its 100 ms must not show in the statistics.
+    durations = iter([100.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0])
 
     def call():
         clock.now += next(durations) / 1000.0
@@ -113,6 +115,20 @@ def test_percentiles(clock):
     assert out["x"]["p10_ms"] == pytest.approx(2.0)
     assert out["x"]["p90_ms"] == pytest.approx(10.0)
     assert out["x"]["throughput_per_s"] == pytest.approx(2 / 0.006)
+
+
+def test_each_turn_starts_with_a_settle_pause(clock):
+    log: list[str] = []
+    pauses: list[float] = []
+
+    def sleep(s):
+        log.append("pause")
+        pauses.append(s)
+
+    calls = fake_calls(clock, {"a": 1.0, "b": 1.0}, log)
+    latency.measure_latency(calls, "a", batch_size=1, rounds=2, iters=2, warmup=0, settle_s=0.25, sleep=sleep)
+    assert log == ["pause", "a", "a", "a", "pause", "b", "b", "b", "pause", "b", "b", "b", "pause", "a", "a", "a"]
+    assert pauses == [0.25] * 4
 
 
 def test_unknown_baseline_is_an_error(clock):

@@ -16,12 +16,19 @@ def measure_latency(
     iters: int = 10,
     warmup: int = 3,
     progress: Callable[[], None] | None = None,
+    settle_s: float = 0.05,
+    sleep: Callable[[float], None] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Time every call in ``calls`` fairly against ``baseline``.
 
     Variants are interleaved within each round (the order rotates every round), so drift
     in machine speed hits them all alike; each variant's ratio to the baseline is taken
     within a round and the median over rounds is reported.
+
+    Before each variant's turn the harness pauses ``settle_s`` and makes one untimed call:
+    runtimes keep their worker threads spinning for a while after a call, and in one
+    process those threads would otherwise steal cores from the next variant; the untimed
+    call wakes the variant's own threads and refills its caches.
 
     Returns:
         Per variant: ``median_ms``, ``p10_ms``, ``p90_ms`` over all timed calls,
@@ -37,6 +44,8 @@ def measure_latency(
     for r in range(rounds):
         order = names[r % len(names):] + names[: r % len(names)]
         for name in order:
+            (sleep or time.sleep)(settle_s)
+            calls[name]()
             times = []
             for _ in range(iters):
                 t0 = time.perf_counter()

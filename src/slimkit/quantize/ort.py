@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import numpy as np
@@ -68,7 +69,7 @@ def _check_onnx(model: Any, config: SlimConfig) -> OnnxModel:
 
 
 def _choose_nodes(graph: onnx.GraphProto, selector: LayerSelector, op_types: Iterable[str]) -> tuple[list[str], list[str]]:
-    """(node names to quantize, node names to keep) and the layer names chosen."""
+    """Names of the nodes to leave in float, and the layer names chosen for quantization."""
     nodes = [n for n in graph.node if n.op_type in op_types]
     layer_of = {n.name: node_layer_name(n.name, n.op_type) for n in nodes}
     chosen = set(select_names(sorted(set(layer_of.values())), selector))
@@ -91,14 +92,14 @@ def _dynamic(model: Any, config: OrtDynamicInt8Config, calibration=None, source=
         selector = _with_fallback(graph, selector, ops, config, calibration, source)
     keep, layers = _choose_nodes(graph, selector, ops)
     out = model.next_path("int8")
-    _quiet()
-    quantize_dynamic(
-        str(model.path), str(out), weight_type=QuantType.QInt8, per_channel=config.per_channel,
-        op_types_to_quantize=ops, nodes_to_exclude=keep,
-        # Fused contrib ops (Attention, SkipLayerNormalization) carry no type information
-        # for their outputs; telling the quantizer they are float lets it quantize them.
-        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-    )
+    with _quiet():
+        quantize_dynamic(
+            str(model.path), str(out), weight_type=QuantType.QInt8, per_channel=config.per_channel,
+            op_types_to_quantize=ops, nodes_to_exclude=keep,
+            # Fused contrib ops (Attention, SkipLayerNormalization) carry no type information
+            # for their outputs; telling the quantizer they are float lets it quantize them.
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
     model.path = out
     return layers
 
@@ -153,13 +154,13 @@ def _static(model: Any, config: OrtStaticInt8Config, calibration: list[dict[str,
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[config.calibrate_method]
     out = model.next_path("qdq")
-    _quiet()
-    quantize_static(
-        str(model.path), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=config.per_channel,
-        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=ops,
-        nodes_to_exclude=keep, calibrate_method=method,
-        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-    )
+    with _quiet():
+        quantize_static(
+            str(model.path), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=config.per_channel,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=ops,
+            nodes_to_exclude=keep, calibrate_method=method,
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
     model.path = out
     return layers
 
@@ -176,6 +177,14 @@ def check_finite(batches: list[dict[str, np.ndarray]]) -> None:
                 )
 
 
-def _quiet() -> None:
-    # The quantizer logs a pre-processing suggestion on every call at WARNING level.
-    logging.getLogger().setLevel(logging.ERROR)
+@contextmanager
+def _quiet():
+    # The quantizer logs a pre-processing suggestion on the root logger at WARNING level
+    # on every call; silence it for the call only, leaving the user's logging as it was.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
