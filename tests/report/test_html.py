@@ -187,3 +187,11 @@ def test_unknown_schema_version_is_refused(metrics, tmp_path):
     with pytest.raises(SlimkitError, match="schema_version"):
         render_report(metrics, tmp_path / "report.html")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_labels_of_close_points_do_not_share_a_place():
+    from slimkit.report.html import _label_offsets
+
+    offsets = _label_offsets([(0.30, 1.0), (0.31, 0.95), (0.9, 0.0), (0.305, 0.97)])
+    assert offsets[0] != offsets[1] and len({offsets[0], offsets[1], offsets[3]}) == 3
+    assert offsets[2] == offsets[0]  # a point far from the others keeps the default place

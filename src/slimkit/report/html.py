@@ -495,6 +495,28 @@ def _accuracy_plot(
     return _png(draw, (5.2, 0.5 + 0.42 * max(len(names), 1)))
 
 
+def _label_offsets(xy: list[tuple[float, float]]) -> list[tuple[int, int, str]]:
+    """Label offsets (points) and alignment so that labels of close points do not overlap.
+
+    Close means within 8% of the data range on both axes; the second of two close points
+    gets its label below, a third to the left, and so on.
+    """
+    if not xy:
+        return []
+    xs, ys = [p[0] for p in xy], [p[1] for p in xy]
+    wx = (max(xs) - min(xs)) or 1.0
+    wy = (max(ys) - min(ys)) or 1.0
+    choices = [(10, 6, "left"), (10, -26, "left"), (-10, 6, "right"), (-10, -26, "right")]
+    placed: list[tuple[float, float, int]] = []
+    out = []
+    for x, y in xy:
+        taken = {c for px, py, c in placed if abs(px - x) / wx < 0.08 and abs(py - y) / wy < 0.08}
+        pick = next((i for i in range(len(choices)) if i not in taken), 0)
+        placed.append((x, y, pick))
+        out.append(choices[pick])
+    return out
+
+
 def _tradeoff_plot(variants: list[dict], baseline: str | None, batch: int) -> dict[str, str]:
     points, missing = [], []
     for v in variants:
@@ -512,14 +534,15 @@ def _tradeoff_plot(variants: list[dict], baseline: str | None, batch: int) -> di
             _no_data(ax, title)
             return
         biggest = max((s for *_, s in points if s is not None), default=None)
-        for v, x, y, size in points:
+        offsets = _label_offsets([(x, y) for _, x, y, _ in points])
+        for (v, x, y, size), (dx, dy, ha) in zip(points, offsets, strict=True):
             area = 60.0 if size is None or not biggest else 40 + 560 * size / biggest
             is_base = baseline is not None and v.get("name") == baseline
             ax.scatter(x, y, s=area, color=_color(v, baseline), alpha=0.85,
                        marker="*" if is_base else "o", edgecolor="#333", lw=0.6, zorder=3)
             label = _text(v.get("name")) + (" (baseline)" if is_base else "")
             label += f"\n{_mb(size)}"
-            ax.annotate(label, (x, y), xytext=(10, 6), textcoords="offset points",
+            ax.annotate(label, (x, y), xytext=(dx, dy), textcoords="offset points", ha=ha,
                         fontweight="bold" if v.get("is_output") else "normal",
                         color=COLOR_OUTPUT if v.get("is_output") else "#222")
         xs = [x for _, x, _, _ in points] + [1.0]
