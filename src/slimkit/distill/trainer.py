@@ -1,0 +1,325 @@
+"""The distillation loop: a frozen teacher, a student, weighted losses, resumable.
+
+Shuffling is a fixed function of (seed, epoch), dropout draws from the saved generator
+state, and checkpoints fall on optimizer-step boundaries: a run interrupted and resumed
+from its last checkpoint ends with the same weights as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import nn
+
+from slimkit.distill import losses as L
+from slimkit.distill.checkpoint import load_checkpoint, save_checkpoint
+from slimkit.distill.config import DistillConfig, LossTerm
+from slimkit.errors import ConfigError, DataError, LayerSelectionError, SlimkitError
+
+
+@dataclass
+class DistillData:
+    """Training examples for distillation.
+
+    Attributes:
+        inputs: keyword inputs of both models, each a tensor whose first dimension
+            indexes examples (e.g. ``{"x": images}`` or token ids and masks).
+        labels: class labels, needed only by ``hard_ce`` terms.
+        collate: optional function applied to each batch's inputs (e.g. to cut padding).
+    """
+
+    inputs: dict[str, torch.Tensor]
+    labels: torch.Tensor | None = None
+    collate: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+
+    def __len__(self) -> int:
+        return len(next(iter(self.inputs.values()))) if self.inputs else 0
+
+    def batch(self, idx: torch.Tensor, device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        inputs = {k: v[idx] for k, v in self.inputs.items()}
+        if self.collate:
+            inputs = self.collate(inputs)
+        labels = None if self.labels is None else self.labels[idx].to(device)
+        return {k: v.to(device) for k, v in inputs.items()}, labels
+
+
+@dataclass
+class DistillResult:
+    """What a distillation run did: per-step losses, evaluations, and why it stopped."""
+
+    steps: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] | None = None
+    stopped_early: bool = False
+
+
+class NonFiniteLoss(SlimkitError):
+    """The loss became NaN or inf; the last good checkpoint is kept."""
+
+
+class _Capture:
+    """Forward hooks that keep the output of named layers for one forward pass."""
+
+    def __init__(self, model: nn.Module, names: list[str]):
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.handles = []
+        for name in names:
+            module = model.get_submodule(name)
+            self.handles.append(module.register_forward_hook(self._hook(name)))
+
+    def _hook(self, name):
+        def hook(_module, _args, out):
+            self.outputs[name] = out[0] if isinstance(out, (tuple, list)) else out
+        return hook
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _check_layers(model: nn.Module, names: list[str], which: str) -> None:
+    known = [n for n, _ in model.named_modules() if n]
+    for name in names:
+        if name not in known:
+            near = [k for k in known if k.split(".")[-1] == name.split(".")[-1]][:4] or known[:6]
+            raise LayerSelectionError(
+                f"layer map: the {which} has no layer {name!r}; its layers are named like: {', '.join(near)}"
+            )
+
+
+def _projection(student: torch.Tensor, teacher: torch.Tensor, term: int, s_name: str, t_name: str, allowed: bool) -> nn.Module | None:
+    if student.shape == teacher.shape:
+        return None
+    feature_map = student.dim() == 4 and teacher.dim() == 4 and student.shape[2:] == teacher.shape[2:]
+    same_but_width = student.shape[:-1] == teacher.shape[:-1]
+    if not allowed or not (feature_map or same_but_width):
+        hint = "set projection: true on the term" if (feature_map or same_but_width) else "map layers whose outputs have the same positions"
+        raise ConfigError(
+            f"losses[{term}]: student layer {s_name!r} gives shape {tuple(student.shape)} but teacher layer "
+            f"{t_name!r} gives {tuple(teacher.shape)}; {hint}"
+        )
+    if feature_map:
+        return nn.Conv2d(student.shape[1], teacher.shape[1], kernel_size=1, bias=False)
+    return nn.Linear(student.shape[-1], teacher.shape[-1], bias=False)
+
+
+def _key(term: int, s_name: str) -> str:
+    return f"t{term}_" + re.sub(r"\W", "_", s_name)
+
+
+class Distiller:
+    """Runs :class:`DistillConfig` on a teacher and a student; see :func:`slimkit.distill.distill`."""
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, data: DistillData, config: DistillConfig,
+                 evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+                 checkpoint_dir: str | Path | None = None, device: str | torch.device | None = None,
+                 progress: bool = True):
+        if len(data) == 0:
+            raise DataError("distillation data is empty; give at least one training example")
+        if any(t.kind == "hard_ce" for t in config.losses) and data.labels is None:
+            raise DataError("a hard_ce loss term needs labels; the data has none (use soft or hidden terms)")
+        if config.early_stopping and evaluate is None:
+            raise ConfigError("early_stopping needs an evaluation function (evaluate=...)")
+        self.config, self.data, self.evaluate = config, data, evaluate
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.teacher = teacher.to(self.device).eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.student = student.to(self.device)
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.progress = progress
+        self.t_layers = sorted({t for term in config.losses for t in term.layers.values()})
+        self.s_layers = sorted({s for term in config.losses for s in term.layers})
+        _check_layers(self.teacher, self.t_layers, "teacher")
+        _check_layers(self.student, self.s_layers, "student")
+        torch.manual_seed(config.seed)
+        self.projections = self._build_projections()
+        self.trainable = nn.ModuleDict({"student": self.student, "projections": self.projections})
+        params = [p for p in self.trainable.parameters() if p.requires_grad]
+        if config.optimizer == "adamw":
+            self.opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        else:
+            self.opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        micro = math.ceil(len(data) / config.batch_size)
+        self.steps_per_epoch = max(1, micro // config.grad_accum)
+        total = self.steps_per_epoch * config.epochs
+        self.total_steps = min(total, config.max_steps) if config.max_steps else total
+
+    # -- set-up -------------------------------------------------------------------------
+    def _forward(self, model: nn.Module, inputs, layers):
+        cap = _Capture(model, layers)
+        try:
+            out = model(**inputs)
+        finally:
+            cap.close()
+        return out, cap.outputs
+
+    def _build_projections(self) -> nn.ModuleDict:
+        hidden = [(i, t) for i, t in enumerate(self.config.losses) if t.layers]
+        proj = nn.ModuleDict()
+        if not hidden:
+            return proj
+        idx = torch.arange(min(2, len(self.data)))
+        inputs, _ = self.data.batch(idx, self.device)
+        with torch.no_grad():
+            _, t_out = self._forward(self.teacher, inputs, self.t_layers)
+            was = self.student.training
+            self.student.eval()
+            _, s_out = self._forward(self.student, inputs, self.s_layers)
+            self.student.train(was)
+        for i, term in hidden:
+            for s_name, t_name in term.layers.items():
+                p = _projection(s_out[s_name], t_out[t_name], i, s_name, t_name, term.projection)
+                if p is not None:
+                    proj[_key(i, s_name)] = p.to(self.device)
+        return proj
+
+    def _fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    # -- loss ---------------------------------------------------------------------------
+    def loss(self, inputs, labels) -> tuple[torch.Tensor, dict[str, float]]:
+        """The weighted loss of one batch, and each term's value."""
+        with torch.no_grad():
+            t_out, t_hidden = self._forward(self.teacher, inputs, self.t_layers)
+        s_out, s_hidden = self._forward(self.student, inputs, self.s_layers)
+        mask = inputs.get("attention_mask")
+        total = torch.zeros((), device=self.device)
+        parts = {}
+        for i, term in enumerate(self.config.losses):
+            value = self._term(i, term, s_out, t_out, s_hidden, t_hidden, labels, mask)
+            parts[f"{i}:{term.kind}"] = float(value.detach())
+            total = total + term.weight * value
+        return total, parts
+
+    def _term(self, i: int, term: LossTerm, s_out, t_out, s_hidden, t_hidden, labels, mask) -> torch.Tensor:
+        if term.kind == "soft_kl":
+            return L.soft_kl(s_out, t_out, term.temperature)
+        if term.kind == "hard_ce":
+            return L.hard_ce(s_out, labels)
+        if term.kind == "output_mse":
+            return L.mse(s_out, t_out)
+        if term.kind == "output_cosine":
+            return L.cosine(s_out, t_out)
+        fn = L.mse if term.kind == "hidden_mse" else L.cosine
+        values = []
+        for s_name, t_name in term.layers.items():
+            s = s_hidden[s_name]
+            key = _key(i, s_name)
+            if key in self.projections:
+                p = self.projections[key]
+                s = p(s) if isinstance(p, nn.Conv2d) else p(s.float())
+            values.append(fn(s, t_hidden[t_name], mask if s.dim() == 3 else None))
+        return torch.stack(values).mean()
+
+    # -- schedule -----------------------------------------------------------------------
+    def _lr_factor(self, step: int) -> float:
+        c = self.config
+        if step < c.warmup_steps:
+            return (step + 1) / c.warmup_steps
+        if c.schedule == "constant":
+            return 1.0
+        done = (step - c.warmup_steps) / max(1, self.total_steps - c.warmup_steps)
+        if c.schedule == "linear":
+            return max(0.0, 1.0 - done)
+        return 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0)))
+
+    # -- loop ---------------------------------------------------------------------------
+    def run(self) -> DistillResult:
+        c = self.config
+        loop: dict[str, Any] = {"step": 0, "fingerprint": self._fingerprint(), "history": [], "evals": [],
+                                "best": None, "bad_evals": 0, "stopped_early": False}
+        best_weights = None
+        if self.checkpoint_dir and (self.checkpoint_dir / "state.json").exists():
+            saved, best_weights = load_checkpoint(self.checkpoint_dir, self.trainable, self.opt)
+            if saved.get("fingerprint") != loop["fingerprint"]:
+                raise ConfigError(
+                    f"{self.checkpoint_dir}: the checkpoint was written by a different distillation "
+                    "config; delete the folder or choose another one to start over"
+                )
+            loop = saved
+        columns = [TextColumn("distill"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn()]
+        with Progress(*columns, disable=not self.progress) as bar:
+            task = bar.add_task("distill", total=self.total_steps, completed=loop["step"], loss="-")
+            while loop["step"] < self.total_steps and not loop["stopped_early"]:
+                step = loop["step"]
+                epoch, in_epoch = divmod(step, self.steps_per_epoch)
+                loss, parts = self._step(epoch, in_epoch, step)
+                loop["step"] = step = step + 1
+                loop["history"].append({"step": step, "epoch": epoch, "loss": loss, **parts})
+                bar.update(task, completed=step, loss=f"{loss:.4f}")
+                end_of_epoch = step % self.steps_per_epoch == 0
+                if self.evaluate and ((c.eval_every and step % c.eval_every == 0) or (not c.eval_every and end_of_epoch) or step == self.total_steps):
+                    best_weights = self._eval(loop, step, epoch, best_weights)
+                if self.checkpoint_dir and ((c.checkpoint_every and step % c.checkpoint_every == 0) or (not c.checkpoint_every and end_of_epoch) or step == self.total_steps or loop["stopped_early"]):
+                    save_checkpoint(self.checkpoint_dir, self.trainable, self.opt, loop, best_weights)
+        if best_weights is not None:
+            self.trainable.load_state_dict(best_weights)
+        self.student.eval()
+        return DistillResult(loop["step"], loop["history"], loop["evals"], loop["best"], loop["stopped_early"])
+
+    def _step(self, epoch: int, in_epoch: int, step: int) -> tuple[float, dict[str, float]]:
+        c = self.config
+        self.student.train()
+        self.projections.train()
+        order = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(c.seed * 100_003 + epoch))
+        batches = order.split(c.batch_size)
+        for group in self.opt.param_groups:
+            group["lr"] = c.lr * self._lr_factor(step)
+        self.opt.zero_grad(set_to_none=True)
+        total, parts_sum = 0.0, {}
+        for k in range(c.grad_accum):
+            idx = batches[(in_epoch * c.grad_accum + k) % len(batches)]
+            inputs, labels = self.data.batch(idx, self.device)
+            with ExitStack() as stack:
+                if c.bf16:
+                    stack.enter_context(torch.autocast(self.device.type, dtype=torch.bfloat16))
+                loss, parts = self.loss(inputs, labels)
+            if not torch.isfinite(loss):
+                where = f" (last good checkpoint kept in {self.checkpoint_dir})" if self.checkpoint_dir else ""
+                raise NonFiniteLoss(
+                    f"the loss became {float(loss.detach())} at step {step + 1}{where}; lower the learning rate "
+                    "or check the data for NaN/inf"
+                )
+            (loss / c.grad_accum).backward()
+            total += float(loss.detach()) / c.grad_accum
+            for name, v in parts.items():
+                parts_sum[name] = parts_sum.get(name, 0.0) + v / c.grad_accum
+        if c.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.trainable.parameters(), c.max_grad_norm)
+        self.opt.step()
+        return total, parts_sum
+
+    def _eval(self, loop, step, epoch, best_weights):
+        c = self.config
+        self.student.eval()
+        with torch.no_grad():
+            metrics = {k: float(v) for k, v in self.evaluate(self.student).items()}
+        loop["evals"].append({"step": step, "epoch": epoch, **metrics})
+        es = c.early_stopping
+        if es is None:
+            return best_weights
+        if es.metric not in metrics:
+            raise ConfigError(f"early_stopping.metric: {es.metric!r} is not among the evaluation's metrics {sorted(metrics)}")
+        value = metrics[es.metric]
+        best = loop["best"]
+        better = best is None or (value > best["value"] if es.mode == "max" else value < best["value"])
+        if better:
+            loop["best"] = {"step": step, "value": value}
+            loop["bad_evals"] = 0
+            return {k: v.detach().clone() for k, v in self.trainable.state_dict().items()}
+        loop["bad_evals"] += 1
+        if loop["bad_evals"] >= es.patience:
+            loop["stopped_early"] = True
+        return best_weights
