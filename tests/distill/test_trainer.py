@@ -163,3 +163,18 @@ def test_early_stopping_needs_an_evaluation():
     cfg = DistillConfig(losses=KD, early_stopping=EarlyStopping(metric="acc"))
     with pytest.raises(ConfigError, match="evaluation function"):
         distill(MLP(32, 0), MLP(8, 1), data(), cfg, progress=False)
+
+
+def test_cached_teacher_outputs_give_the_same_run():
+    teacher = MLP(32, 0)
+    a, b = MLP(8, 1, dropout=0.2), MLP(8, 1, dropout=0.2)
+    cfg = DistillConfig(losses=KD, epochs=3, batch_size=16, seed=5)
+    distill(teacher, a, data(), cfg, progress=False)
+    distill(teacher, b, data(), cfg.model_copy(update={"cache_teacher": True}), progress=False)
+    for k, v in params(a).items():
+        torch.testing.assert_close(params(b)[k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_cache_teacher_refuses_hidden_terms():
+    with pytest.raises(ValidationError, match="cache_teacher"):
+        DistillConfig(losses=[LossTerm(kind="hidden_mse", layers={"a": "b"})], cache_teacher=True)

@@ -15,7 +15,7 @@ from slimkit.distill.trainer import DistillData, Distiller, DistillResult
 # Not yet registered as a recipe stage: the runner will register it once recipes can
 # name a student and distillation data.
 def distill(
-    teacher: nn.Module,
+    teacher: nn.Module | None,
     student: nn.Module,
     data: DistillData,
     config: DistillConfig,
@@ -28,6 +28,8 @@ def distill(
 
     Args:
         teacher: the model to learn from; it is put in eval mode and never updated.
+            ``None`` trains on labels alone (only ``hard_ce`` terms), through the same
+            loop, so that a baseline gets exactly the same training machinery.
         student: the model that learns; its weights are updated in place and, with
             early stopping, set to the best evaluation's weights at the end.
         data: training examples (train split only).

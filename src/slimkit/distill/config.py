@@ -65,6 +65,9 @@ class DistillConfig(SlimConfig):
         eval_every: evaluate every N optimizer steps (0: at the end of each epoch).
         checkpoint_every: write a resumable checkpoint every N steps (0: each epoch).
         bf16: compute under bfloat16 autocast where the device supports it.
+        cache_teacher: compute the frozen teacher's outputs once for the whole dataset
+            and reuse them every epoch (only with output terms; hidden terms would need
+            every layer's activations kept).
         seed: seeds shuffling, dropout and initialisation of projections.
     """
 
@@ -86,4 +89,11 @@ class DistillConfig(SlimConfig):
     checkpoint_every: int = Field(0, ge=0)
     early_stopping: EarlyStopping | None = None
     bf16: bool = False
+    cache_teacher: bool = False
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _cache_only_outputs(self) -> DistillConfig:
+        if self.cache_teacher and any(t.layers for t in self.losses):
+            raise ValueError("cache_teacher keeps only the teacher's outputs; it cannot serve hidden_* terms")
+        return self

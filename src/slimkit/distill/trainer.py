@@ -121,7 +121,7 @@ def _key(term: int, s_name: str) -> str:
 class Distiller:
     """Runs :class:`DistillConfig` on a teacher and a student; see :func:`slimkit.distill.distill`."""
 
-    def __init__(self, teacher: nn.Module, student: nn.Module, data: DistillData, config: DistillConfig,
+    def __init__(self, teacher: nn.Module | None, student: nn.Module, data: DistillData, config: DistillConfig,
                  evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
                  checkpoint_dir: str | Path | None = None, device: str | torch.device | None = None,
                  progress: bool = True):
@@ -132,6 +132,11 @@ class Distiller:
         if config.early_stopping and evaluate is None:
             raise ConfigError("early_stopping needs an evaluation function (evaluate=...)")
         self.config, self.data, self.evaluate = config, data, evaluate
+        self.needs_teacher = any(t.kind != "hard_ce" for t in config.losses)
+        if teacher is None:
+            if self.needs_teacher:
+                raise ConfigError("only hard_ce terms train without a teacher; give a teacher model")
+            teacher = nn.Identity()  # plain supervised training through the same loop
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.teacher = teacher.to(self.device).eval()
         for p in self.teacher.parameters():
@@ -145,6 +150,7 @@ class Distiller:
         _check_layers(self.student, self.s_layers, "student")
         torch.manual_seed(config.seed)
         self.projections = self._build_projections()
+        self.teacher_cache = self._teacher_outputs() if config.cache_teacher and self.needs_teacher else None
         self.trainable = nn.ModuleDict({"student": self.student, "projections": self.projections})
         params = [p for p in self.trainable.parameters() if p.requires_grad]
         if config.optimizer == "adamw":
@@ -185,14 +191,28 @@ class Distiller:
                     proj[_key(i, s_name)] = p.to(self.device)
         return proj
 
+    def _teacher_outputs(self) -> torch.Tensor:
+        """The teacher's output for every example, in dataset order (it is frozen in eval mode)."""
+        outs = []
+        with torch.no_grad():
+            for idx in torch.arange(len(self.data)).split(max(self.config.batch_size, 256)):
+                inputs, _ = self.data.batch(idx, self.device)
+                outs.append(self.teacher(**inputs).float())
+        return torch.cat(outs)
+
     def _fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
     # -- loss ---------------------------------------------------------------------------
-    def loss(self, inputs, labels) -> tuple[torch.Tensor, dict[str, float]]:
-        """The weighted loss of one batch, and each term's value."""
-        with torch.no_grad():
-            t_out, t_hidden = self._forward(self.teacher, inputs, self.t_layers)
+    def loss(self, inputs, labels, idx: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """The weighted loss of one batch (examples ``idx`` of the data), and each term's value."""
+        if self.teacher_cache is not None and idx is not None:
+            t_out, t_hidden = self.teacher_cache[idx.to(self.teacher_cache.device)], {}
+        elif self.needs_teacher:
+            with torch.no_grad():
+                t_out, t_hidden = self._forward(self.teacher, inputs, self.t_layers)
+        else:
+            t_out, t_hidden = None, {}
         s_out, s_hidden = self._forward(self.student, inputs, self.s_layers)
         mask = inputs.get("attention_mask")
         total = torch.zeros((), device=self.device)
@@ -285,7 +305,7 @@ class Distiller:
             with ExitStack() as stack:
                 if c.bf16:
                     stack.enter_context(torch.autocast(self.device.type, dtype=torch.bfloat16))
-                loss, parts = self.loss(inputs, labels)
+                loss, parts = self.loss(inputs, labels, idx)
             if not torch.isfinite(loss):
                 where = f" (last good checkpoint kept in {self.checkpoint_dir})" if self.checkpoint_dir else ""
                 raise NonFiniteLoss(

@@ -167,6 +167,12 @@ def build_from_spec(spec: dict[str, Any], tokenizer_dir: Path | None = None) -> 
     """Rebuild an architecture (random weights) from its JSON description."""
     if spec.get("kind") == "callable":
         return _load_callable(spec["ref"])
+    if spec.get("kind") == "mlp":
+        from slimkit.zoo.mlp import MLP
+
+        args = {k: v for k, v in spec.items() if k != "kind"}
+        mlp = MLP(**args).eval()
+        return LoadedModel(mlp, mlp.spec, None, None, (torch.zeros(1, args["in_features"]),))
     if spec.get("kind") != "hf":
         raise ModelLoadError(f"unknown model kind {spec.get('kind')!r} in slimkit.json")
     from transformers import AutoConfig, AutoModel, AutoTokenizer

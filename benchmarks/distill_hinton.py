@@ -1,0 +1,150 @@
+"""Hinton, Vinyals and Dean (2015), "Distilling the knowledge in a neural network", on Fashion-MNIST.
+
+The paper's MNIST design: a large teacher regularised with dropout (784-1200-1200-10) and
+a small net (784-800-800-10), trained once on hard labels and once on the teacher's soft
+targets at T = 20. Here: one teacher, five seeds for each small net, every net trained by
+the same loop with the same epoch budget, optimizer and early stopping on a validation
+split carved from the training set; errors counted on the full 10,000-image test split.
+
+Each trained net is kept under --work, so an interrupted run continues where it stopped.
+
+    python benchmarks/distill_hinton.py            # full run -> benchmarks/results/distill_hinton.json
+    python benchmarks/distill_hinton.py --quick --out /tmp/q.json   # smoke run of the same code
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import target, write_result  # noqa: E402
+
+from slimkit.atomic import write_json, write_with  # noqa: E402
+from slimkit.distill import DistillConfig, DistillData, EarlyStopping, LossTerm, distill  # noqa: E402
+from slimkit.zoo.images import load_fashion_mnist  # noqa: E402
+from slimkit.zoo.mlp import MLP  # noqa: E402
+
+SEEDS = [0, 1, 2, 3, 4]
+VAL_SIZE = 5000
+TEMPERATURE = 20.0
+BUDGET = {"epochs": 40, "batch_size": 128, "optimizer": "adamw", "lr": 1e-3,
+          "early_stopping": {"metric": "val_accuracy", "mode": "max", "patience": 6}}
+QUICK = {"train": 3000, "val": 500, "epochs": 2, "seeds": [0, 1]}
+
+
+def teacher_net():
+    return MLP(784, [1200, 1200], 10, dropout=0.5, input_dropout=0.2)
+
+
+def small_net():
+    return MLP(784, [800, 800], 10)
+
+
+def accuracy(model, x, y, batch=2000):
+    model.eval()
+    with torch.no_grad():
+        pred = torch.cat([model(x[i:i + batch]).argmax(1) for i in range(0, len(x), batch)])
+    return float((pred == y).float().mean())
+
+
+def train(name, work: Path, model, teacher, data, losses, seed, val, test, budget):
+    """Train ``model`` (or load it if this run finished before); return its record."""
+    folder = work / name
+    done = folder / "result.json"
+    if done.exists():
+        model.load_state_dict(load_file(str(folder / "model.safetensors")))
+        return json.loads(done.read_text())
+    cfg = DistillConfig(losses=losses, seed=seed, cache_teacher=teacher is not None,
+                        **{**budget, "early_stopping": EarlyStopping(**budget["early_stopping"])})
+    t0 = time.time()
+    result = distill(teacher, model, data, cfg, evaluate=lambda m: {"val_accuracy": accuracy(m, *val)},
+                     checkpoint_dir=folder / "checkpoint", device="cpu", progress=sys.stderr.isatty())
+    acc = accuracy(model, *test)
+    record = {"name": name, "seed": seed, "test_accuracy": acc, "test_errors": int(round((1 - acc) * len(test[1]))),
+              "best_val_accuracy": result.best["value"] if result.best else None, "steps": result.steps,
+              "stopped_early": result.stopped_early, "epochs_run": result.history[-1]["epoch"] + 1,
+              "train_seconds": time.time() - t0,
+              "val_curve": [[e["epoch"], e["val_accuracy"]] for e in result.evals]}
+    write_with(folder / "model.safetensors", lambda p: save_file(dict(model.state_dict()), str(p)))
+    write_json(done, record)
+    return record
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small subset, two epochs, two seeds")
+    p.add_argument("--out", type=Path, help="result file (default benchmarks/results/distill_hinton.json)")
+    p.add_argument("--work", type=Path, help="where trained nets are kept for resuming (default .bench-work/distill_hinton)")
+    args = p.parse_args()
+    if args.quick and args.out is None:
+        p.error("--quick results are not benchmark results: give --out PATH")
+    root = Path(__file__).resolve().parents[1]
+    work = args.work or root / ".bench-work" / ("distill_hinton_quick" if args.quick else "distill_hinton")
+    torch.set_num_threads(2)
+
+    data = load_fashion_mnist()
+    train_part, (val_x, val_y) = data.validation_split(VAL_SIZE if not args.quick else QUICK["val"], seed=0)
+    tx, ty = train_part.train_x, train_part.train_y
+    if args.quick:
+        tx, ty = tx[:QUICK["train"]], ty[:QUICK["train"]]
+    flat = lambda a: torch.from_numpy(np.ascontiguousarray(a.reshape(len(a), -1)))  # noqa: E731
+    train_data = DistillData({"x": flat(tx)}, torch.from_numpy(ty))
+    val = (flat(val_x), torch.from_numpy(val_y))
+    test = (flat(data.test_x), torch.from_numpy(data.test_y))
+    budget = dict(BUDGET, epochs=QUICK["epochs"]) if args.quick else BUDGET
+    seeds = QUICK["seeds"] if args.quick else SEEDS
+
+    hard = [LossTerm(kind="hard_ce")]
+    # The paper's recipe: soft targets at T = 20 (their gradients scaled by T^2), plus the
+    # hard labels at a much lower weight.
+    soft = [LossTerm(kind="soft_kl", temperature=TEMPERATURE, weight=1.0), LossTerm(kind="hard_ce", weight=0.1)]
+
+    torch.manual_seed(0)
+    teacher = teacher_net()
+    t_rec = train("teacher", work, teacher, None, train_data, hard, 0, val, test, budget)
+    teacher.eval()
+    hard_recs, kd_recs = [], []
+    for seed in seeds:
+        torch.manual_seed(100 + seed)
+        hard_recs.append(train(f"small_hard_s{seed}", work, small_net(), None, train_data, hard, seed, val, test, budget))
+        torch.manual_seed(100 + seed)  # the same initial weights as the hard-label net of this seed
+        kd_recs.append(train(f"small_distilled_s{seed}", work, small_net(), teacher, train_data, soft, seed, val, test, budget))
+
+    d = np.array([h["test_errors"] - k["test_errors"] for h, k in zip(hard_recs, kd_recs, strict=True)], dtype=float)
+    mean_d = float(d.mean())
+    t_stat = mean_d / (float(d.std(ddof=1)) / math.sqrt(len(d))) if len(d) > 1 and d.std(ddof=1) > 0 else None
+    table = {
+        "columns": ["net", "test errors (of 10,000)", "test accuracy %"],
+        "rows": [["teacher 1200-1200, dropout", t_rec["test_errors"], 100 * t_rec["test_accuracy"]],
+                 ["small 800-800, hard labels (mean of seeds)", float(np.mean([r["test_errors"] for r in hard_recs])),
+                  100 * float(np.mean([r["test_accuracy"] for r in hard_recs]))],
+                 ["small 800-800, distilled T=20 (mean of seeds)", float(np.mean([r["test_errors"] for r in kd_recs])),
+                  100 * float(np.mean([r["test_accuracy"] for r in kd_recs]))]],
+    }
+    body = {"quick": args.quick, "dataset": "fashion-mnist", "train_size": len(tx), "val_size": len(val_y),
+            "test_size": len(data.test_y), "temperature": TEMPERATURE, "budget": budget, "table": table,
+            "teacher": t_rec, "hard": hard_recs, "distilled": kd_recs,
+            "d_per_seed": d.tolist(), "mean_d": mean_d, "t_statistic": t_stat}
+    targets = [
+        target("teacher_test_accuracy", 100 * t_rec["test_accuracy"], ">=", 90.0, "%"),
+        target("hard_label_small_net_test_accuracy", 100 * float(np.mean([r["test_accuracy"] for r in hard_recs])), ">=", 88.5, "%"),
+        target("mean_error_reduction_d", mean_d, ">", 0.0, "errors"),
+        target("paired_t_statistic", t_stat, ">=", 2.0),
+    ]
+    path = write_result("distill_hinton", 2, "cpu", body, targets, args.out)
+    print(path.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,334 @@
+"""Image-classification tasks: Fashion-MNIST from a Debian package, or a user's image folder.
+
+Fashion-MNIST ships as four IDX files that :func:`read_idx` parses directly (the format
+is a tiny header plus raw big-endian numbers), so nothing is ever unpickled and nothing
+is cached on disk. Images are greyscale, float32 in ``[0, 1]``, shaped ``[N, H, W]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from slimkit.errors import DataError
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_ENV = "SLIMKIT_FASHION_MNIST"
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+FASHION_MNIST_SIZES = {"train": 60000, "test": 10000}
+FASHION_MNIST_SIDE = 28
+FASHION_MNIST_LABELS = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+FASHION_MNIST_HINT = (
+    "install the Debian package dataset-fashion-mnist (`apt-get install dataset-fashion-mnist`, "
+    "which `make test` does when run as root), or set SLIMKIT_FASHION_MNIST to a folder with "
+    "the four IDX files"
+)
+
+# IDX type byte -> big-endian numpy dtype.
+_IDX_DTYPES = {
+    0x08: np.dtype(">u1"),
+    0x09: np.dtype(">i1"),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+@dataclass
+class ImageClassificationData:
+    """Greyscale images with integer labels, split into train and test.
+
+    Attributes:
+        name: Where the data came from (``"fashion-mnist"`` or the folder given).
+        train_x: float32 images in ``[0, 1]``, shape ``[N, H, W]``.
+        train_y: int64 labels, shape ``[N]``, indices into ``label_names``.
+        test_x: float32 images in ``[0, 1]``, shape ``[M, H, W]``.
+        test_y: int64 labels, shape ``[M]``.
+        label_names: The name of each class, by label index.
+    """
+
+    name: str
+    train_x: np.ndarray
+    train_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+    label_names: list[str]
+
+    def validation_split(
+        self, n_val: int, seed: int
+    ) -> tuple[ImageClassificationData, tuple[np.ndarray, np.ndarray]]:
+        """Carve a random validation set out of the train split.
+
+        The test split is left untouched, so tuning on the validation set never sees it.
+
+        Args:
+            n_val: How many train examples to move to the validation set.
+            seed: Seed of the random choice; the same seed gives the same split.
+
+        Returns:
+            The data with the remaining train examples (in their original order), and
+            ``(val_x, val_y)``.
+
+        Raises:
+            DataError: If ``n_val`` is not between 1 and the train size minus one.
+        """
+        n = len(self.train_y)
+        if isinstance(n_val, bool) or not isinstance(n_val, (int, np.integer)) or not 1 <= n_val < n:
+            raise DataError(
+                f"{self.name}: cannot take a validation set of {n_val!r} from {n} train "
+                f"examples; give an integer n_val between 1 and {n - 1}"
+            )
+        order = np.random.default_rng(seed).permutation(n)
+        val, keep = order[:n_val], np.sort(order[n_val:])
+        reduced = dataclasses.replace(
+            self,
+            train_x=self.train_x[keep],
+            train_y=self.train_y[keep],
+            label_names=list(self.label_names),
+        )
+        return reduced, (self.train_x[val], self.train_y[val])
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an IDX file, plain or gzip-compressed.
+
+    Gzip is recognised by a ``.gz`` suffix or by the gzip magic bytes.
+
+    Args:
+        path: The IDX file.
+
+    Returns:
+        The array, with the shape from the header and the native-endian form of the
+        header's type (uint8, int8, int16, int32, float32 or float64).
+
+    Raises:
+        DataError: If the file is missing or unreadable, is not valid gzip, has a bad
+            magic number or type byte, or holds fewer or more bytes than its header says.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such IDX file") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the IDX file ({e.strerror or e})") from None
+    if path.suffix == ".gz" or raw.startswith(_GZIP_MAGIC):
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:
+            raise DataError(f"{path}: not a valid gzip file ({e}); the file is corrupt or truncated") from None
+
+    if len(raw) < 4:
+        raise DataError(f"{path}: {len(raw)} bytes is too short for an IDX header (4 bytes at least)")
+    if raw[0] != 0 or raw[1] != 0:
+        raise DataError(
+            f"{path}: bad IDX magic number 0x{raw[:4].hex()}; an IDX file starts with two zero "
+            "bytes, a type byte and the number of dimensions"
+        )
+    type_byte, ndim = raw[2], raw[3]
+    if type_byte not in _IDX_DTYPES:
+        known = ", ".join(f"0x{t:02X}" for t in _IDX_DTYPES)
+        raise DataError(f"{path}: unknown IDX type byte 0x{type_byte:02X}; known types are {known}")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(
+            f"{path}: truncated header; {ndim} dimensions need {header} header bytes, "
+            f"the file has {len(raw)}"
+        )
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    dtype = _IDX_DTYPES[type_byte]
+    expected = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    got = len(raw) - header
+    if got < expected:
+        raise DataError(
+            f"{path}: truncated data; shape {shape} of {dtype.newbyteorder('=').name} needs "
+            f"{expected} bytes after the header, the file has {got}"
+        )
+    if got > expected:
+        raise DataError(
+            f"{path}: size mismatch; shape {shape} of {dtype.newbyteorder('=').name} needs "
+            f"{expected} bytes after the header, the file has {got} ({got - expected} extra)"
+        )
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def load_fashion_mnist(root: str | Path | None = None) -> ImageClassificationData:
+    """Load Fashion-MNIST from its four gzipped IDX files.
+
+    Args:
+        root: Folder holding ``train-images-idx3-ubyte.gz``, ``train-labels-idx1-ubyte.gz``,
+            ``t10k-images-idx3-ubyte.gz`` and ``t10k-labels-idx1-ubyte.gz``. If None, the
+            folder named by the environment variable ``SLIMKIT_FASHION_MNIST``, else
+            ``/usr/share/datasets/fashion-mnist`` (where the Debian package
+            ``dataset-fashion-mnist`` installs them).
+
+    Returns:
+        60000 train and 10000 test images of 28x28 as float32 in ``[0, 1]``, int64 labels
+        0..9, and the 10 class names.
+
+    Raises:
+        DataError: If a file is missing, corrupt, or not shaped like Fashion-MNIST.
+    """
+    if root is not None:
+        directory, origin = Path(root), ""
+    elif os.environ.get(FASHION_MNIST_ENV):
+        directory, origin = Path(os.environ[FASHION_MNIST_ENV]), f" (from ${FASHION_MNIST_ENV})"
+    else:
+        directory, origin = FASHION_MNIST_DIR, ""
+
+    names = [name for pair in FASHION_MNIST_FILES.values() for name in pair]
+    missing = [name for name in names if not (directory / name).is_file()]
+    if missing:
+        where = "does not exist" if not directory.is_dir() else f"lacks {', '.join(missing)}"
+        raise DataError(f"Fashion-MNIST: the folder {directory}{origin} {where}; {FASHION_MNIST_HINT}")
+
+    splits = {
+        split: _read_fashion_split(directory / images, directory / labels, FASHION_MNIST_SIZES[split])
+        for split, (images, labels) in FASHION_MNIST_FILES.items()
+    }
+    return ImageClassificationData(
+        "fashion-mnist", *splits["train"], *splits["test"], list(FASHION_MNIST_LABELS)
+    )
+
+
+def _read_fashion_split(images_path: Path, labels_path: Path, n: int) -> tuple[np.ndarray, np.ndarray]:
+    side = FASHION_MNIST_SIDE
+    fix = "reinstall dataset-fashion-mnist or point SLIMKIT_FASHION_MNIST to the original files"
+    images = read_idx(images_path)
+    if images.dtype != np.uint8 or images.shape != (n, side, side):
+        raise DataError(
+            f"{images_path}: expected {n} unsigned-byte images of {side}x{side}, found "
+            f"{images.dtype} of shape {images.shape}; {fix}"
+        )
+    labels = read_idx(labels_path)
+    if labels.dtype != np.uint8 or labels.shape != (n,):
+        raise DataError(
+            f"{labels_path}: expected {n} unsigned-byte labels to match {images_path.name}, "
+            f"found {labels.dtype} of shape {labels.shape}; {fix}"
+        )
+    n_classes = len(FASHION_MNIST_LABELS)
+    if labels.max(initial=0) >= n_classes:
+        raise DataError(
+            f"{labels_path}: label {int(labels.max())} is out of range 0..{n_classes - 1}; {fix}"
+        )
+    return images.astype(np.float32) / np.float32(255.0), labels.astype(np.int64)
+
+
+def load_image_task(source: str) -> ImageClassificationData:
+    """Load ``fashion-mnist`` or a folder of PNG images, one subfolder per class.
+
+    A folder is laid out as ``root/train/<class>/*.png`` and ``root/test/<class>/*.png``.
+    Class names are the sorted subfolder names of ``train``; images are read as greyscale
+    and must all have the same size.
+
+    Args:
+        source: ``"fashion-mnist"`` or the path of such a folder.
+
+    Returns:
+        The images as float32 in ``[0, 1]`` with int64 labels, in class order.
+
+    Raises:
+        DataError: If the folder or a split is missing or empty, there are fewer than two
+            classes, ``test`` has a class that ``train`` lacks, or an image is unreadable or
+            of a different size.
+    """
+    if source == "fashion-mnist":
+        return load_fashion_mnist()
+    return _load_image_folder(source, Path(source))
+
+
+def _load_image_folder(name: str, root: Path) -> ImageClassificationData:
+    layout = f"lay it out as {root}/train/<class>/*.png and {root}/test/<class>/*.png"
+    if not root.is_dir():
+        raise DataError(f"{root}: no such directory; give 'fashion-mnist' or a folder of images ({layout})")
+    for split in ("train", "test"):
+        if not (root / split).is_dir():
+            raise DataError(f"{root}: no '{split}' subfolder; {layout}")
+
+    classes = _subfolders(root / "train")
+    if len(classes) < 2:
+        raise DataError(
+            f"{root / 'train'}: found {len(classes)} class folder(s) {classes}; a classification "
+            f"task needs at least two, one subfolder of images per class ({layout})"
+        )
+    extra = sorted(set(_subfolders(root / "test")) - set(classes))
+    if extra:
+        raise DataError(
+            f"{root / 'test'}: class folder(s) {extra} have no counterpart in {root / 'train'}, "
+            "so a model could never learn them; add them to train or remove them from test"
+        )
+
+    files: dict[str, list[tuple[Path, int]]] = {}
+    for split in ("train", "test"):
+        found = []
+        for label, cls in enumerate(classes):
+            pngs = _pngs(root / split / cls)
+            if split == "train" and not pngs:
+                raise DataError(
+                    f"{root / split / cls}: no .png images; every class needs train images, "
+                    "so add some or remove the folder"
+                )
+            found += [(p, label) for p in pngs]
+        if not found:
+            raise DataError(f"{root / split}: no .png images in any class folder; {layout}")
+        files[split] = found
+
+    reference = files["train"][0][0]
+    size = _read_png(reference).shape
+    x_train, y_train = _read_pngs(files["train"], size, reference)
+    x_test, y_test = _read_pngs(files["test"], size, reference)
+    return ImageClassificationData(name, x_train, y_train, x_test, y_test, classes)
+
+
+def _subfolders(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _pngs(directory: Path) -> list[Path]:
+    if not directory.is_dir():
+        return []
+    return sorted(
+        p for p in directory.iterdir()
+        if p.is_file() and p.suffix.lower() == ".png" and not p.name.startswith(".")
+    )
+
+
+def _read_png(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("L"), dtype=np.uint8)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"{path}: cannot read the image ({e}); replace or remove it") from None
+
+
+def _read_pngs(
+    files: list[tuple[Path, int]], size: tuple[int, ...], reference: Path
+) -> tuple[np.ndarray, np.ndarray]:
+    x = np.empty((len(files), *size), dtype=np.float32)
+    y = np.empty(len(files), dtype=np.int64)
+    for i, (path, label) in enumerate(files):
+        pixels = _read_png(path)
+        if pixels.shape != size:
+            raise DataError(
+                f"{path}: image is {pixels.shape[1]}x{pixels.shape[0]} (width x height) but the "
+                f"first train image {reference} is {size[1]}x{size[0]}; resize it so all "
+                "images have the same size"
+            )
+        x[i] = pixels / np.float32(255.0)
+        y[i] = label
+    return x, y
