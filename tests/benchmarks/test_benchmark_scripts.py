@@ -29,3 +29,23 @@ def test_bert_int8_quick(tmp_path):
     if CHECK.exists():  # the shared checker reads the file (targets may be missed in a quick run)
         res = subprocess.run([sys.executable, str(CHECK), str(out)], capture_output=True, text=True)
         assert res.returncode in (0, 1) and "targets met" in res.stdout
+
+
+@pytest.mark.integration
+def test_distill_hinton_quick(tmp_path):
+    if not Path("/usr/share/datasets/fashion-mnist").is_dir() and not __import__("os").environ.get("CI"):
+        pytest.skip("needs the Debian package dataset-fashion-mnist (make test installs it as root)")
+    out = tmp_path / "distill_hinton.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "distill_hinton.py"), "--quick", "--out", str(out),
+                           "--work", str(tmp_path / "work")], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["benchmark"] == "distill_hinton" and doc["quick"] is True and doc["test_size"] == 10_000
+    assert [t["name"] for t in doc["targets"]] == ["teacher_test_accuracy", "hard_label_small_net_test_accuracy",
+                                                 "mean_error_reduction_d", "paired_t_statistic"]
+    assert len(doc["hard"]) == len(doc["distilled"]) == 2
+    # Trained nets are kept: a second run resumes from them instead of training again.
+    again = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "distill_hinton.py"), "--quick", "--out", str(out),
+                            "--work", str(tmp_path / "work")], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0
+    assert json.loads(out.read_text())["hard"] == doc["hard"]
