@@ -19,6 +19,7 @@ EXPECTED = {
         "low_precision",
         "ort_dynamic_int8",
         "ort_static_int8",
+        "qat_int8",
     ],
 }
 

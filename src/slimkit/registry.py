@@ -68,4 +68,5 @@ def _load_builtin_methods() -> None:
     import slimkit.quantize.dynamic  # noqa: F401
     import slimkit.quantize.lowp  # noqa: F401
     import slimkit.quantize.ort  # noqa: F401
+    import slimkit.quantize.qat  # noqa: F401
     import slimkit.quantize.weight_only  # noqa: F401
