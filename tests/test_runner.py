@@ -26,13 +26,20 @@ RECIPE = {
 
 @pytest.fixture(scope="module")
 def run_folder(tmp_path_factory):
-    return run(Recipe.from_dict(RECIPE), tmp_path_factory.mktemp("runs") / "tiny", progress=False)
+    from slimkit.distill.students import shallow_transformer
+    from slimkit.zoo.models import load_model
+
+    # A variant of another model (a 2-layer student), measured against the same baseline.
+    student_dir = tmp_path_factory.mktemp("student") / "l2"
+    serialize.save(shallow_transformer(load_model("minilm-l6"), [0, 5]), student_dir)
+    recipe = {**RECIPE, "compare": [*RECIPE["compare"], {"name": "student", "model": str(student_dir)}]}
+    return run(Recipe.from_dict(recipe), tmp_path_factory.mktemp("runs") / "tiny", progress=False)
 
 
 def test_run_folder_holds_every_artifact(run_folder):
     names = {p.name for p in run_folder.iterdir()}
     assert {"model.onnx", "slimkit.json", "metrics.json", "report.html", "recipe.yaml", "tokenizer", "variants"} <= names
-    assert sorted(p.name for p in (run_folder / "variants").iterdir()) == ["fp32", "slimkit-int8", "torch-int8"]
+    assert sorted(p.name for p in (run_folder / "variants").iterdir()) == ["fp32", "slimkit-int8", "student", "torch-int8"]
     assert not list(run_folder.parent.glob(".*partial")), "no temporary folder may be left behind"
 
 
@@ -54,6 +61,9 @@ def test_metrics_cover_every_variant_with_the_same_harness(run_folder):
     assert ours["peak_rss_bytes"] < by["fp32"]["peak_rss_bytes"]
     assert 0.5 < ours["energy"]["int8_mac_fraction"] <= 1.0
     assert by["fp32"]["energy"]["int8_mac_fraction"] == 0.0
+    student = by["student"]
+    assert student["size_ratio"] < 0.9 and student["accuracy"]["cosine_mean"] < 0.99  # not distilled
+    assert student["energy"]["macs"] < 0.5 * by["fp32"]["energy"]["macs"]  # 2 of 6 layers
 
 
 def test_saved_output_reloads_with_the_same_outputs(run_folder):

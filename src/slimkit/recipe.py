@@ -49,7 +49,11 @@ class MeasureSpec(_Strict):
 
 
 class VariantSpec(_Strict):
+    """A variant measured beside the output: its own stages, on the recipe's model unless
+    ``model`` names another (a distilled student, say), measured against the same baseline."""
+
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    model: str | None = None
     stages: list[Any] = Field(default_factory=list)
 
 
@@ -72,11 +76,14 @@ class Recipe:
         spec: the validated recipe fields.
         stages: typed configs of the output pipeline, in order.
         compare: ``(name, [configs])`` of each variant measured beside it.
+        compare_models: variant name -> model source, for variants of another model.
         raw: the recipe as a plain dict (with overrides applied), saved in the run folder.
     """
 
-    def __init__(self, spec: RecipeSpec, stages: list[SlimConfig], compare: list[tuple[str, list[SlimConfig]]], raw: dict):
+    def __init__(self, spec: RecipeSpec, stages: list[SlimConfig], compare: list[tuple[str, list[SlimConfig]]], raw: dict,
+                 compare_models: dict[str, str] | None = None):
         self.spec, self.stages, self.compare, self.raw = spec, stages, compare, raw
+        self.compare_models = compare_models or {}
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Recipe:
@@ -103,7 +110,8 @@ class Recipe:
                 compare.append((v.get("name"), parse_stages(v.get("stages") or [], f"compare[{i}].stages", problems)))
         if problems:
             raise ConfigError(problems)
-        return cls(spec, stages, compare, raw)
+        models = {v.name: v.model for v in spec.compare if v.model}
+        return cls(spec, stages, compare, raw, models)
 
     @classmethod
     def from_file(cls, path: str | Path, overrides: list[str] | None = None) -> Recipe:

@@ -45,6 +45,7 @@ class Variant:
     configs: list[SlimConfig] = field(default_factory=list)
     is_output: bool = False
     folder: Path | None = None
+    base: LoadedModel | None = None  # the PyTorch model its stages started from
 
     @property
     def framework(self) -> str:
@@ -111,7 +112,8 @@ def run(recipe: Recipe, output: str | Path | None = None, progress: bool = True)
         variants = []
         for name, configs, is_output in plan:
             folder = tmp / "variants" / name
-            v = Variant(name, apply_stages(model, configs, folder / "work", calibration), configs, is_output, folder)
+            base = load_model(recipe.compare_models[name]) if name in recipe.compare_models else model
+            v = Variant(name, apply_stages(base, configs, folder / "work", calibration), configs, is_output, folder, base)
             serialize.save(v.model, folder)
             _remove_workdir(folder / "work")
             if isinstance(v.model, OnnxModel):
@@ -138,7 +140,7 @@ def run(recipe: Recipe, output: str | Path | None = None, progress: bool = True)
                 results[v.name].update(peak_rss(v.folder, one, m.threads))
                 bar.advance(step)
         if m.energy:
-            _energy(variants, model, m.seq_len, results, runners, feeds, device)
+            _energy(variants, m.seq_len, results, runners, feeds, device)
 
         step = bar.add_task("write model, metrics and report", total=1)
         metrics = _metrics(recipe, variants, results, data, device)
@@ -189,11 +191,17 @@ def _accuracy(variants, runners, model, data, results, bar) -> None:
         results[v.name]["accuracy"] = task_metrics(head, ref_test, ref_nn, te, data.test_labels, tr, data.train_labels, base_acc)
 
 
-def _energy(variants, model, seq_len, results, runners, feeds, device) -> None:
+def _energy(variants, seq_len, results, runners, feeds, device) -> None:
     ids = torch.from_numpy(feeds[min(feeds)]["input_ids"][:1, :seq_len])
-    per_layer, total = energy_mod.linear_macs(model.module, (ids, torch.ones_like(ids), torch.zeros_like(ids)))
-    tables = [(n, m.weight.numel(), m.embedding_dim) for n, m in model.module.named_modules() if isinstance(m, torch.nn.Embedding)]
+    counted: dict[int, tuple] = {}  # MACs of each distinct base model, counted once
     for v in variants:
+        if id(v.base) not in counted:
+            module = v.base.module
+            counted[id(v.base)] = (
+                *energy_mod.linear_macs(module, (ids, torch.ones_like(ids), torch.zeros_like(ids))),
+                [(n, m.weight.numel(), m.embedding_dim) for n, m in module.named_modules() if isinstance(m, torch.nn.Embedding)],
+            )
+        per_layer, total, tables = counted[id(v.base)]
         low, int8_stored = {}, []
         for t in v.transforms:
             kind = LOW_PRECISION.get(t["config"]["method"])

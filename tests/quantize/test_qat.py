@@ -111,3 +111,19 @@ def test_saved_qat_model_reloads_exactly(tmp_path, target):
                for m in again.module.modules() if isinstance(m, FakeQuantLinear))
     x = torch.randn(4, model[0].in_features)
     torch.testing.assert_close(again.module(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("target", ["torch", "onnxruntime"])
+def test_converted_model_saves_as_what_it_became(tmp_path, target):
+    from tiny_models import mlp
+
+    from slimkit import serialize
+
+    model, (x,) = mlp()
+    quantize_(model, QATConfig(target=target))
+    convert_qat_(model, target)
+    serialize.save(LoadedModel(model, {"kind": "callable", "ref": "tiny_models:mlp"}), tmp_path / "m")
+    again = serialize.load(tmp_path / "m")
+    expected = DynamicInt8Linear if target == "torch" else nn.Linear
+    assert all(type(again.module[i]) is expected for i in (0, 2))
+    torch.testing.assert_close(again.module(x), model(x), rtol=0, atol=0)

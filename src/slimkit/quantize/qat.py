@@ -96,7 +96,8 @@ def convert_qat_(model: nn.Module, target: Literal["onnxruntime", "torch"] = "on
     Returns:
         The converted layers' qualified names.
     """
-    from slimkit.quantize.dynamic import DynamicInt8Linear
+    from slimkit.quantize.api import TRANSFORMS_ATTR, record_transform
+    from slimkit.quantize.dynamic import DynamicInt8Config, DynamicInt8Linear
 
     names = [n for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)]
     for name in names:
@@ -107,4 +108,10 @@ def convert_qat_(model: nn.Module, target: Literal["onnxruntime", "torch"] = "on
             plain = nn.Linear(fq.in_features, fq.out_features, fq.bias is not None, device=fq.weight.device)
             plain.load_state_dict(fq.state_dict())
             set_module(model, name, plain)
+    # The saved description must rebuild what the model now is: no fake quantization, and
+    # for PyTorch the int8 layers it became.
+    history = [t for t in getattr(model, TRANSFORMS_ATTR, []) if t["config"]["method"] != QATConfig.method]
+    object.__setattr__(model, TRANSFORMS_ATTR, history)
+    if target == "torch" and names:
+        record_transform(model, DynamicInt8Config(granularity="per_channel"), names)
     return names

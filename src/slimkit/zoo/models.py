@@ -93,9 +93,9 @@ def load_model(source: str) -> LoadedModel:
     """Load a model by name.
 
     Args:
-        source: a zoo name (``minilm-l6``), a local Hugging Face model directory, or
-            ``package.module:function`` naming a callable that returns an ``nn.Module`` or
-            a ``(module, example_inputs)`` pair.
+        source: a zoo name (``minilm-l6``), a folder saved by :func:`slimkit.save`, a
+            local Hugging Face model directory, or ``package.module:function`` naming a
+            callable that returns an ``nn.Module`` or a ``(module, example_inputs)`` pair.
 
     Raises:
         ModelLoadError: the source does not exist, or its files are missing or corrupt.
@@ -105,6 +105,13 @@ def load_model(source: str) -> LoadedModel:
     if ":" in source and not os.path.exists(source):
         return _load_callable(source)
     path = Path(source)
+    if path.is_dir() and (path / "slimkit.json").is_file():
+        from slimkit.serialize import load
+
+        saved = load(path)
+        if not isinstance(saved, LoadedModel):
+            raise ModelLoadError(f"{path} holds an ONNX model; give the PyTorch model it came from")
+        return saved
     if path.is_dir():
         return _load_hf_dir(path, {"kind": "hf", "source": str(path)})
     raise ModelLoadError(
