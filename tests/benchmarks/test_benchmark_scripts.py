@@ -49,3 +49,16 @@ def test_distill_hinton_quick(tmp_path):
                             "--work", str(tmp_path / "work")], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0
     assert json.loads(out.read_text())["hard"] == doc["hard"]
+
+
+@pytest.mark.integration
+def test_distill_minilm_quick(tmp_path):
+    out = tmp_path / "distill_minilm.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "distill_minilm.py"), "--quick", "--out", str(out),
+                           "--work", str(tmp_path / "work")], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["benchmark"] == "distill_minilm" and doc["quick"] is True
+    assert len(doc["targets"]) == 7 and all(isinstance(t["value"], float) for t in doc["targets"])
+    assert [v["name"] for v in doc["variants"]] == ["fp32", "slimkit-int8", "student-fp32", "student-int8", "qat-int8"]
+    assert doc["student"]["layers"] == [1, 3, 5] and doc["student"]["train_seconds"] > 0

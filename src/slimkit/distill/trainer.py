@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import re
+import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -62,6 +63,7 @@ class DistillResult:
     evals: list[dict[str, Any]] = field(default_factory=list)
     best: dict[str, Any] | None = None
     stopped_early: bool = False
+    seconds: float = 0.0  # training time, summed over resumed attempts
 
 
 class NonFiniteLoss(SlimkitError):
@@ -273,6 +275,7 @@ class Distiller:
         with Progress(*columns, disable=not self.progress) as bar:
             task = bar.add_task("distill", total=self.total_steps, completed=loop["step"], loss="-")
             while loop["step"] < self.total_steps and not loop["stopped_early"]:
+                started = time.perf_counter()
                 step = loop["step"]
                 epoch, in_epoch = divmod(step, self.steps_per_epoch)
                 loss, parts = self._step(epoch, in_epoch, step)
@@ -282,12 +285,14 @@ class Distiller:
                 end_of_epoch = step % self.steps_per_epoch == 0
                 if self.evaluate and ((c.eval_every and step % c.eval_every == 0) or (not c.eval_every and end_of_epoch) or step == self.total_steps):
                     best_weights = self._eval(loop, step, epoch, best_weights)
+                loop["seconds"] = loop.get("seconds", 0.0) + time.perf_counter() - started
                 if self.checkpoint_dir and ((c.checkpoint_every and step % c.checkpoint_every == 0) or (not c.checkpoint_every and end_of_epoch) or step == self.total_steps or loop["stopped_early"]):
                     save_checkpoint(self.checkpoint_dir, self.trainable, self.opt, loop, best_weights)
         if best_weights is not None:
             self.trainable.load_state_dict(best_weights)
         self.student.eval()
-        return DistillResult(loop["step"], loop["history"], loop["evals"], loop["best"], loop["stopped_early"])
+        return DistillResult(loop["step"], loop["history"], loop["evals"], loop["best"], loop["stopped_early"],
+                             loop.get("seconds", 0.0))
 
     def _step(self, epoch: int, in_epoch: int, step: int) -> tuple[float, dict[str, float]]:
         c = self.config
