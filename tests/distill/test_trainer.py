@@ -178,3 +178,26 @@ def test_cached_teacher_outputs_give_the_same_run():
 def test_cache_teacher_refuses_hidden_terms():
     with pytest.raises(ValidationError, match="cache_teacher"):
         DistillConfig(losses=[LossTerm(kind="hidden_mse", layers={"a": "b"})], cache_teacher=True)
+
+
+class ConvNet(nn.Module):
+    def __init__(self, channels: int, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.features = nn.Sequential(nn.Conv2d(1, channels, 3, padding=1), nn.ReLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 3))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def test_feature_map_loss_projects_narrower_cnn_channels():
+    teacher, student = ConvNet(16, 0), ConvNet(4, 1)
+    images = torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    term = LossTerm(kind="hidden_mse", layers={"features.1": "features.1"}, projection=True)
+    cfg = DistillConfig(losses=[term, LossTerm(kind="soft_kl", temperature=2.0)], lr=1e-2, epochs=20, batch_size=8)
+    result = distill(teacher, student, DistillData({"x": images}), cfg, progress=False)
+    assert result.history[-1]["loss"] < result.history[0]["loss"] / 3
+    with pytest.raises(ConfigError, match=r"gives shape \(2, 4, 8, 8\) but teacher layer 'features.1' gives \(2, 16, 8, 8\)"):
+        distill(teacher, ConvNet(4, 1), DistillData({"x": images}),
+                DistillConfig(losses=[LossTerm(kind="hidden_mse", layers={"features.1": "features.1"})]), progress=False)
