@@ -16,7 +16,8 @@ from torch import nn
 
 from slimkit.config import LayerSelector, SlimConfig
 from slimkit.layers import select_modules, set_module
-from slimkit.quantize.qparams import dequantize_int8, symmetric_int8
+from slimkit.quantize.int8_linear import Int8WeightLinear
+from slimkit.quantize.qparams import dequantize_int8
 from slimkit.quantize.sensitivity import linear_sensitivity, most_sensitive
 from slimkit.registry import register
 
@@ -39,28 +40,14 @@ class DynamicInt8Config(SlimConfig):
     fallback_layers: int = Field(0, ge=0)
 
 
-class DynamicInt8Linear(nn.Module):
+class DynamicInt8Linear(Int8WeightLinear):
     """A Linear layer with int8 weights whose inputs are quantized on the fly."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, per_channel: bool):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8))
-        self.register_buffer("weight_scale", torch.ones(out_features if per_channel else 1))
-        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+    def __init__(self, in_features: int, out_features: int, bias: bool, per_channel: bool = True):
+        super().__init__(in_features, out_features, bias, per_channel)
         self._packed = None
         # Packed fbgemm params are derived from the buffers; drop them when they change.
         self.register_load_state_dict_post_hook(lambda m, _: setattr(m, "_packed", None))
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, per_channel: bool) -> DynamicInt8Linear:
-        q, scale = symmetric_int8(linear.weight, per_channel)
-        m = cls(linear.in_features, linear.out_features, linear.bias is not None, per_channel)
-        m.weight_int8.copy_(q)
-        m.weight_scale.copy_(scale)
-        if linear.bias is not None:
-            m.bias.copy_(linear.bias.detach().float())
-        return m.to(linear.weight.device)
 
     def _pack(self):
         s = self.weight_scale

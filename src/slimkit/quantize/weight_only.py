@@ -15,6 +15,7 @@ from torch import nn
 
 from slimkit.config import LayerSelector, SlimConfig
 from slimkit.layers import select_modules, set_module
+from slimkit.quantize.int8_linear import Int8WeightLinear
 from slimkit.quantize.qparams import dequantize_int8, groupwise_uint4, symmetric_int8, unpack_uint4
 from slimkit.registry import register
 
@@ -43,23 +44,8 @@ class Int4WeightOnlyConfig(SlimConfig):
 
 
 
-class Int8WeightOnlyLinear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8))
-        self.register_buffer("weight_scale", torch.ones(out_features))
-        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear) -> Int8WeightOnlyLinear:
-        m = cls(linear.in_features, linear.out_features, linear.bias is not None)
-        q, s = symmetric_int8(linear.weight, per_channel=True)
-        m.weight_int8.copy_(q)
-        m.weight_scale.copy_(s)
-        if linear.bias is not None:
-            m.bias.copy_(linear.bias.detach().float())
-        return m.to(linear.weight.device)
+class Int8WeightOnlyLinear(Int8WeightLinear):
+    """int8 weights (per output channel) dequantized to the input's dtype for the matmul."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = dequantize_int8(self.weight_int8, self.weight_scale).to(x.dtype)
