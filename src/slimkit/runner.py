@@ -62,7 +62,13 @@ class Variant:
 
 
 def apply_stages(model: LoadedModel, configs: list[SlimConfig], workdir: Path, calibration=None) -> LoadedModel | OnnxModel:
-    """Apply ``configs`` in order to a copy of ``model``; an export stage turns it into ONNX."""
+    """Apply ``configs`` in order to a copy of ``model``; an export stage turns it into ONNX.
+
+    With no stages the model itself is returned: nothing will change it, and a copy of a
+    large model costs its whole size in memory.
+    """
+    if not configs:
+        return model
     current: LoadedModel | OnnxModel = model.clone()
     source = current
     for cfg in configs:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -25,10 +27,8 @@ def text_data(tokenizer, texts: list[str], max_len: int = 128, labels: np.ndarra
     return DistillData(inputs, None if labels is None else torch.as_tensor(labels), collate=trim)
 
 
-def read_text_file(path) -> list[str]:
+def read_text_file(path: str | Path) -> list[str]:
     """One text per non-blank line of a UTF-8 file."""
-    from pathlib import Path
-
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{p}: no such text file; give a UTF-8 file with one text per line")

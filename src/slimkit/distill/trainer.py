@@ -152,6 +152,8 @@ class Distiller:
         _check_layers(self.student, self.s_layers, "student")
         torch.manual_seed(config.seed)
         self.projections = self._build_projections()
+        self._epoch: int | None = None
+        self._epoch_batches: tuple[torch.Tensor, ...] = ()
         self.teacher_cache = self._teacher_outputs() if config.cache_teacher and self.needs_teacher else None
         self.trainable = nn.ModuleDict({"student": self.student, "projections": self.projections})
         params = [p for p in self.trainable.parameters() if p.requires_grad]
@@ -294,12 +296,18 @@ class Distiller:
         return DistillResult(loop["step"], loop["history"], loop["evals"], loop["best"], loop["stopped_early"],
                              loop.get("seconds", 0.0))
 
+    def _batches(self, epoch: int) -> tuple[torch.Tensor, ...]:
+        """This epoch's shuffled batches: a function of (seed, epoch) only, made once per epoch."""
+        if self._epoch != epoch:
+            order = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(self.config.seed * 100_003 + epoch))
+            self._epoch, self._epoch_batches = epoch, order.split(self.config.batch_size)
+        return self._epoch_batches
+
     def _step(self, epoch: int, in_epoch: int, step: int) -> tuple[float, dict[str, float]]:
         c = self.config
         self.student.train()
         self.projections.train()
-        order = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(c.seed * 100_003 + epoch))
-        batches = order.split(c.batch_size)
+        batches = self._batches(epoch)
         for group in self.opt.param_groups:
             group["lr"] = c.lr * self._lr_factor(step)
         self.opt.zero_grad(set_to_none=True)
