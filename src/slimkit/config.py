@@ -22,6 +22,20 @@ class SlimConfig(BaseModel):
     method: ClassVar[str] = ""
     version: int = 1
 
+    def replay_on(self, layers: list[str]) -> SlimConfig:
+        """This config applied to exactly ``layers``, as recorded when it first ran.
+
+        Loading a saved model replays its transforms this way: choices the method made
+        from data (such as layers kept in fp32 by sensitivity) are already in the list, so
+        nothing is measured again.
+        """
+        update: dict[str, Any] = {}
+        if "layers" in type(self).model_fields:
+            update["layers"] = LayerSelector(targets=list(layers))
+        if "fallback_layers" in type(self).model_fields:
+            update["fallback_layers"] = 0
+        return self.model_copy(update=update)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict that :func:`config_from_dict` turns back into this config."""
         return {"kind": self.kind, "method": self.method, **self.model_dump(mode="json")}

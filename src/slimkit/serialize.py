@@ -20,7 +20,6 @@ from safetensors.torch import save_model as save_safetensors
 
 from slimkit import __version__
 from slimkit.atomic import write_json, write_with
-from slimkit.config import LayerSelector
 from slimkit.deploy.onnx_model import OnnxModel
 from slimkit.errors import ModelLoadError
 from slimkit.quantize.api import TRANSFORMS_ATTR, transforms_of
@@ -99,14 +98,8 @@ def load(folder: str | Path) -> LoadedModel | OnnxModel:
             p.zero_()
     for t in meta["transforms"]:
         config = config_from_dict(t["config"])
-        # Replay on exactly the recorded layers; choices already made (such as layers kept
-        # in fp32 by sensitivity) are in that list, so nothing is measured again.
-        update = {"layers": LayerSelector(targets=t["layers"] or ["re:^$"])}
-        if "fallback_layers" in type(config).model_fields:
-            update["fallback_layers"] = 0
-        exact = config.model_copy(update=update)
         if t["layers"]:
-            handler_for(config)(model.module, exact)
+            handler_for(config)(model.module, config.replay_on(t["layers"]))
     object.__setattr__(model.module, TRANSFORMS_ATTR, list(meta["transforms"]))
     try:
         load_safetensors(model.module, str(folder / meta["weights"]), strict=True)
