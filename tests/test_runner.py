@@ -32,15 +32,21 @@ def run_folder(tmp_path_factory):
     # A variant of another model (a 2-layer student), measured against the same baseline.
     student_dir = tmp_path_factory.mktemp("student") / "l2"
     serialize.save(shallow_transformer(load_model("minilm-l6"), [0, 5]), student_dir)
-    recipe = {**RECIPE, "compare": [*RECIPE["compare"], {"name": "student", "model": str(student_dir)}]}
+    # And a variant distilled in the run: a 1-layer student, a few steps, then int8.
+    distilled = {"name": "distilled", "stages": [
+        {"distill": {"student": {"layers": [5]}, "validation_texts": 20, "epochs": 2, "batch_size": 25,
+                     "lr": 5e-4, "max_len": 32, "hidden_weight": 0.0}},
+        {"quantize": {"method": "dynamic_int8"}}]}
+    recipe = {**RECIPE, "compare": [*RECIPE["compare"], {"name": "student", "model": str(student_dir)}, distilled]}
     return run(Recipe.from_dict(recipe), tmp_path_factory.mktemp("runs") / "tiny", progress=False)
 
 
 def test_run_folder_holds_every_artifact(run_folder):
     names = {p.name for p in run_folder.iterdir()}
     assert {"model.onnx", "slimkit.json", "metrics.json", "report.html", "recipe.yaml", "tokenizer", "variants"} <= names
-    assert sorted(p.name for p in (run_folder / "variants").iterdir()) == ["fp32", "slimkit-int8", "student", "torch-int8"]
+    assert sorted(p.name for p in (run_folder / "variants").iterdir()) == ["distilled", "fp32", "slimkit-int8", "student", "torch-int8"]
     assert not list(run_folder.parent.glob(".*partial")), "no temporary folder may be left behind"
+    assert not list(run_folder.parent.glob(".*checkpoints")), "training checkpoints go once the run is complete"
 
 
 def test_metrics_cover_every_variant_with_the_same_harness(run_folder):
@@ -64,6 +70,26 @@ def test_metrics_cover_every_variant_with_the_same_harness(run_folder):
     student = by["student"]
     assert student["size_ratio"] < 0.9 and student["accuracy"]["cosine_mean"] < 0.99  # not distilled
     assert student["energy"]["macs"] < 0.5 * by["fp32"]["energy"]["macs"]  # 2 of 6 layers
+    assert all(v["training"] is None for n, v in by.items() if n != "distilled")
+
+
+def test_distilled_variant_records_its_training_and_the_report_shows_it(run_folder):
+    m = json.loads((run_folder / "metrics.json").read_text())
+    v = next(v for v in m["variants"] if v["name"] == "distilled")
+    (t,) = v["training"]
+    assert t["stage"] == 0 and t["train_texts"] == 100 and t["validation_texts"] == 20 and t["steps"] == 8
+    assert len(t["history"]) == 8 and len(t["evals"]) == 2
+    assert t["best"]["value"] > t["before"]["val_cosine"]
+    assert t["parameters"]["student"] < 0.75 * t["parameters"]["teacher"]
+    # Energy counts the 1-layer student's arithmetic, not the teacher's.
+    fp32 = next(x for x in m["variants"] if x["name"] == "fp32")
+    assert v["energy"]["macs"] < 0.3 * fp32["energy"]["macs"]
+    assert [s["kind"] for s in v["stages"]] == ["distill", "quantize"]
+    html = (run_folder / "report.html").read_text()
+    assert 'id="training-table"' in html and 'id="plot-training"' in html
+    assert "layers [5], from the teacher" in html
+    again = serialize.load(run_folder / "variants" / "distilled")
+    assert len(again.module.backbone.encoder.layer) == 1
 
 
 def test_saved_output_reloads_with_the_same_outputs(run_folder):

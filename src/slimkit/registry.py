@@ -65,6 +65,7 @@ def _load_builtin_methods() -> None:
     # Importing the method modules runs their @register decorators. They are listed
     # explicitly (not discovered by scanning) so what is registered is plain to see.
     import slimkit.deploy.export  # noqa: F401
+    import slimkit.distill.stage  # noqa: F401
     import slimkit.quantize.dynamic  # noqa: F401
     import slimkit.quantize.lowp  # noqa: F401
     import slimkit.quantize.ort  # noqa: F401

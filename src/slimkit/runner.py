@@ -45,7 +45,8 @@ class Variant:
     configs: list[SlimConfig] = field(default_factory=list)
     is_output: bool = False
     folder: Path | None = None
-    base: LoadedModel | None = None  # the PyTorch model its stages started from
+    base: LoadedModel | None = None  # the float PyTorch model it computes (for counting MACs)
+    training: list[dict[str, Any]] = field(default_factory=list)  # records of its distill stages
 
     @property
     def framework(self) -> str:
@@ -61,37 +62,61 @@ class Variant:
         return transforms_of(self.model if isinstance(self.model, OnnxModel) else self.model.module)
 
 
-def apply_stages(model: LoadedModel, configs: list[SlimConfig], workdir: Path, calibration=None) -> LoadedModel | OnnxModel:
+def apply_stages(model: LoadedModel, configs: list[SlimConfig], workdir: Path, calibration=None, *,
+                 train_texts: list[str] | None = None, checkpoints: Path | None = None, device: str = "cpu",
+                 progress: bool = False, training: list[dict[str, Any]] | None = None,
+                 ) -> tuple[LoadedModel | OnnxModel, LoadedModel]:
     """Apply ``configs`` in order to a copy of ``model``; an export stage turns it into ONNX.
+
+    Returns the result, and the floating-point PyTorch architecture it computes (``model``,
+    or the student of a distill stage), whose arithmetic the energy estimate counts.
 
     With no stages the model itself is returned: nothing will change it, and a copy of a
     large model costs its whole size in memory.
+
+    A distill stage replaces the model by the student it trains (on ``train_texts``
+    unless the stage names a file), keeps resumable checkpoints under ``checkpoints``,
+    and appends its training record to ``training``.
     """
     if not configs:
-        return model
+        return model, model
     current: LoadedModel | OnnxModel = model.clone()
     source = current
-    for cfg in configs:
+    architecture = model
+    for i, cfg in enumerate(configs):
         if cfg.kind == "export":
             source = current
             current = export(current, cfg, workdir=workdir)
             record_transform(current, cfg, [])
+        elif cfg.kind == "distill":
+            from slimkit.distill.stage import run_distill_stage
+
+            folder = checkpoints / f"stage{i}" if checkpoints else None
+            current, record = run_distill_stage(current, cfg, train_texts, folder, device, progress)
+            record_transform(current.module, cfg, [])
+            # Later stages change the student in place; the estimate needs it as trained.
+            architecture = current.clone() if i < len(configs) - 1 else current
+            if training is not None:
+                training.append({"stage": i, **record})
         else:
             target = current if isinstance(current, OnnxModel) else current.module
             # ``source``: the PyTorch model an ONNX stage came from, for methods that
             # score layers before choosing what to quantize.
             quantize_(target, cfg, calibration=calibration, source=source)
-    return current
+    return current, architecture
 
 
 def run(recipe: Recipe, output: str | Path | None = None, progress: bool = True) -> Path:
     """Run ``recipe`` and return the run folder.
 
     The folder is built under a temporary name and moved into place only when complete,
-    so an interrupted run leaves no partial folder and can simply be run again.
+    so an interrupted run leaves no partial folder and can simply be run again. Training
+    stages checkpoint into ``.NAME.checkpoints`` beside it, so running an interrupted
+    recipe again resumes their training; the checkpoints are removed once the run is done.
     """
     spec = recipe.spec
     out_dir = Path(output or spec.output or Path("runs") / spec.name)
+    checkpoints = out_dir.parent / f".{out_dir.name}.checkpoints"
     m = spec.measure
     device = ("cuda" if torch.cuda.is_available() else "cpu") if m.device == "auto" else m.device
     torch.set_num_threads(m.threads)
@@ -119,7 +144,11 @@ def run(recipe: Recipe, output: str | Path | None = None, progress: bool = True)
         for name, configs, is_output in plan:
             folder = tmp / "variants" / name
             base = load_model(recipe.compare_models[name]) if name in recipe.compare_models else model
-            v = Variant(name, apply_stages(base, configs, folder / "work", calibration), configs, is_output, folder, base)
+            training: list[dict[str, Any]] = []
+            built, architecture = apply_stages(
+                base, configs, folder / "work", calibration, train_texts=data.train_texts,
+                checkpoints=checkpoints / name, device=device, progress=progress, training=training)
+            v = Variant(name, built, configs, is_output, folder, architecture, training)
             serialize.save(v.model, folder)
             _remove_workdir(folder / "work")
             if isinstance(v.model, OnnxModel):
@@ -158,6 +187,7 @@ def run(recipe: Recipe, output: str | Path | None = None, progress: bool = True)
 
         render_report(metrics, tmp / "report.html")
         bar.advance(step)
+    _remove_workdir(checkpoints)
     return out_dir
 
 
@@ -271,6 +301,7 @@ def _metrics(recipe: Recipe, variants: list[Variant], results: dict, data: TextC
             "torch_imported": r.get("torch_imported"),
             "accuracy": r.get("accuracy"),
             "energy": r.get("energy"),
+            "training": v.training or None,
         })
     return {
         "schema_version": METRICS_SCHEMA_VERSION,

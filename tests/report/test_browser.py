@@ -95,3 +95,13 @@ def test_screenshot_is_not_blank(report, tmp_path):
     data = shot.read_bytes()
     assert data.startswith(b"\x89PNG\r\n\x1a\n")
     assert len(data) > 10_000
+
+
+def test_report_with_distillation_passes_its_self_check(tmp_path):
+    from test_html import with_training
+
+    page = tmp_path / "report.html"
+    render_report(with_training(json.loads(SAMPLE.read_text())), page)
+    dom = chromium(tmp_path, page, "--dump-dom")
+    assert selfcheck(dom) == "ok"
+    assert 'id="plot-training"' in dom and 'id="training-table"' in dom

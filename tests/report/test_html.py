@@ -195,3 +195,28 @@ def test_labels_of_close_points_do_not_share_a_place():
     offsets = _label_offsets([(0.30, 1.0), (0.31, 0.95), (0.9, 0.0), (0.305, 0.97)])
     assert offsets[0] != offsets[1] and len({offsets[0], offsets[1], offsets[3]}) == 3
     assert offsets[2] == offsets[0]  # a point far from the others keeps the default place
+
+
+def with_training(metrics: dict) -> dict:
+    """The sample with its output variant distilled (a training record as the runner writes it)."""
+    out = copy.deepcopy(metrics)
+    record = json.loads(SAMPLE.with_name("sample_training.json").read_text())
+    next(v for v in out["variants"] if v["is_output"])["training"] = record
+    return out
+
+
+def test_distilled_variant_gets_a_teacher_student_table_and_curves(metrics, tmp_path):
+    html = render(with_training(metrics), tmp_path)
+    table = re.search(r'<table id="training-table">.*?</table>', html, re.S).group(0)
+    rows = re.findall(r"<tr[^>]*>\s*<td>(.*?)</td><td>(.*?)</td>", table)
+    assert rows == [("fp32", "teacher"), ("slimkit-int8", "student: layers [1, 3, 5], from the teacher")]
+    assert "0.8123" in table and "0.9412" in table and "10.2" in table  # cosine before/after, minutes
+    assert "17,389,440" in table and "22,713,216" in table
+    assert base64.b64decode(img_src(html, "plot-training").split(",", 1)[1]).startswith(PNG_MAGIC)
+    expected = json.loads(re.search(r"(\[[^\]]*\])\.forEach\(function \(id\) \{\s*var el = document.getElementById\(id\);\s*if \(!el \|\| el.tagName !== \"IMG\"", html).group(1))
+    assert "plot-training" in expected
+
+
+def test_no_training_section_without_training(metrics, tmp_path):
+    html = render(metrics, tmp_path)
+    assert "training-table" not in html and "plot-training" not in html

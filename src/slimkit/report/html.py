@@ -67,6 +67,11 @@ def _render(metrics: dict[str, Any]) -> str:
     batch_sizes = _batch_sizes(harness, variants)
     targets = metrics.get("targets")
     tables = ["summary-table", "energy-table"] + (["targets-table"] if targets else [])
+    training = _training(variants, baseline, batch_sizes)
+    plot_ids = list(PLOT_IDS)
+    if training:
+        tables.append("training-table")
+        plot_ids.append(training["plot"]["id"])
 
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("slimkit.report", "templates"),
@@ -90,7 +95,8 @@ def _render(metrics: dict[str, Any]) -> str:
         targets=_target_rows(targets) if targets else None,
         targets_met=sum(1 for t in targets or [] if t.get("met") is True),
         energy=_energy(variants),
-        expected_plots=list(PLOT_IDS),
+        training=training,
+        expected_plots=plot_ids,
         expected_tables=tables,
     )
 
@@ -286,6 +292,71 @@ def _energy(variants: list[dict[str, Any]]) -> dict[str, Any]:
         "sources": sources,
         "any_measured": any(r["has_measured"] for r in rows),
     }
+
+
+def _training(variants: list[dict[str, Any]], baseline: str | None, batch_sizes: list[int]) -> dict | None:
+    """The teacher / student table and training curves, when a variant was distilled."""
+    trained = [(v, t) for v in variants for t in (v.get("training") or [])]
+    if not trained:
+        return None
+    b1 = str(1 if 1 in batch_sizes else (batch_sizes[0] if batch_sizes else 1))
+    teacher = next((v for v in variants if v.get("name") == baseline), None)
+    rows = []
+    if teacher is not None:
+        params = _get(trained[0][1], "parameters", "teacher")
+        rows.append({"name": _text(baseline), "role": "teacher", "params": _fmt(params, "{:,.0f}"),
+                     "steps": DASH, "minutes": DASH, "before": DASH, "after": DASH,
+                     "frozen": _pct(_get(teacher, "accuracy", "frozen_head")), "drop": DASH,
+                     "latency": _ratio(_get(teacher, "latency", b1, "ratio_to_baseline")), "is_output": False})
+    for v, t in trained:
+        student = t.get("student") or {}
+        source = f"layers {student['layers']}" if student.get("layers") else _text(student.get("model"))
+        init = "from scratch" if student.get("init") == "random" else "from the teacher"
+        rows.append({
+            "name": _text(v.get("name")), "role": f"student: {source}, {init}",
+            "params": _fmt(_get(t, "parameters", "student"), "{:,.0f}"),
+            "steps": _fmt(t.get("steps"), "{:,.0f}"), "minutes": _fmt(t.get("seconds"), "{:.1f}", 1 / 60),
+            "before": _fmt(_get(t, "before", "val_cosine"), "{:.4f}"),
+            "after": _fmt(_get(t, "best", "value"), "{:.4f}"),
+            "frozen": _pct(_get(v, "accuracy", "frozen_head")),
+            "drop": _fmt(_get(v, "accuracy", "frozen_head_drop_pp"), "{:.2f} pp"),
+            "latency": _ratio(_get(v, "latency", b1, "ratio_to_baseline")),
+            "is_output": bool(v.get("is_output")),
+        })
+    plot = {
+        "id": "plot-training",
+        "src": _training_plot(trained),
+        "alt": "Distillation loss per step and validation cosine per evaluation, per distilled variant",
+        "caption": "Distillation: the training loss (left) and the mean cosine between student and teacher "
+                   "embeddings on the held-out texts (right), per distilled variant.",
+    }
+    return {"rows": rows, "plot": plot, "batch": b1}
+
+
+def _training_plot(trained: list[tuple[dict, dict]]) -> str:
+    def draw(fig: Figure) -> None:
+        loss_ax, val_ax = fig.subplots(1, 2)
+        for v, t in trained:
+            color = COLOR_OUTPUT if v.get("is_output") else None
+            hist = [h for h in t.get("history") or [] if _num(h.get("loss")) is not None]
+            if hist:
+                loss_ax.plot([h["step"] for h in hist], [h["loss"] for h in hist], lw=1, color=color, label=_text(v.get("name")))
+            evals = [e for e in t.get("evals") or [] if _num(e.get("val_cosine")) is not None]
+            before = _num(_get(t, "before", "val_cosine"))
+            xs = ([0] if before is not None else []) + [e["step"] for e in evals]
+            ys = ([before] if before is not None else []) + [e["val_cosine"] for e in evals]
+            if ys:
+                val_ax.plot(xs, ys, "o-", ms=3, lw=1, color=color, label=_text(v.get("name")))
+        for ax, title, ylabel in ((loss_ax, "Training loss", "loss"), (val_ax, "Validation cosine to teacher", "mean cosine")):
+            if not ax.lines:
+                _no_data(ax, title)
+                continue
+            ax.set_title(title)
+            ax.set_xlabel("optimizer step")
+            ax.set_ylabel(ylabel)
+            ax.legend(fontsize=7, frameon=False)
+
+    return _png(draw, (9.0, 3.0))
 
 
 # --- plots -----------------------------------------------------------------------------
