@@ -70,4 +70,5 @@ def _load_builtin_methods() -> None:
     import slimkit.quantize.lowp  # noqa: F401
     import slimkit.quantize.ort  # noqa: F401
     import slimkit.quantize.qat  # noqa: F401
+    import slimkit.quantize.static_int8  # noqa: F401
     import slimkit.quantize.weight_only  # noqa: F401

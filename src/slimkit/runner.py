@@ -38,6 +38,14 @@ INT8_STORAGE = {"int8_weight_only", "ort_dynamic_int8", "ort_static_int8"}
 LOW_PRECISION = {"dynamic_int8": "int8", "ort_dynamic_int8": "int8", "ort_static_int8": "int8", "low_precision": "fp16"}
 
 
+def _low_precision(config: dict[str, Any]) -> str | None:
+    # static_int8 for ONNX Runtime only records input ranges; the ort_static_int8 stage
+    # after export is what computes in int8.
+    if config["method"] == "static_int8":
+        return "int8" if config.get("target") == "torch" else None
+    return LOW_PRECISION.get(config["method"])
+
+
 @dataclass
 class Variant:
     name: str
@@ -240,10 +248,10 @@ def _energy(variants, seq_len, results, runners, feeds, device) -> None:
         per_layer, total, tables = counted[id(v.base)]
         low, int8_stored = {}, []
         for t in v.transforms:
-            kind = LOW_PRECISION.get(t["config"]["method"])
+            kind = _low_precision(t["config"])
             if kind:
                 low.update({layer: kind for layer in t["layers"]})
-            if t["config"]["method"] in INT8_STORAGE:
+            if t["config"]["method"] in INT8_STORAGE or (t["config"]["method"] == "static_int8" and kind):
                 int8_stored += t["layers"]
         read = energy_mod.weight_bytes_read(v.weights_file.stat().st_size, tables, int8_stored, ids.shape[1])
         est = energy_mod.estimate(total, per_layer, low, read)

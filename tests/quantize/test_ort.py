@@ -156,3 +156,72 @@ def test_check_finite_checks_half_precision_and_lists():
         check_finite([{"h": np.array([np.inf], dtype=np.float16)}])
     with pytest.raises(DataError, match="batch 0, input 'l'"):
         check_finite([{"l": [1.0, float("nan")]}])
+
+
+# -- static int8 with ranges trained by quantization-aware training -------------------
+
+def exported_with_ranges(tmp_path, ranges):
+    """The tiny MLP with trained input ranges recorded (as convert_qat_ does), exported."""
+    from slimkit.quantize.static_int8 import InputRange, StaticInt8Config
+
+    module, example = mlp()
+    given = {name: InputRange(scale=s, zero_point=z) for name, (s, z) in ranges.items()}
+    quantize_(module, StaticInt8Config(target="onnxruntime", input_ranges=given))
+    loaded = LoadedModel(module, dict(SPEC_MLP), example_inputs=example)
+    return export(loaded, ExportConfig(optimize="none"), workdir=tmp_path), loaded
+
+
+def input_qparams(path) -> dict[str, tuple[float, int]]:
+    """Scale and zero point of the activation feeding each Gemm, by node name."""
+    graph = onnx.load(str(path)).graph
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    found = {}
+    for node in graph.node:
+        if node.op_type == "Gemm":
+            dq = producer[node.input[0]]
+            found[node.name] = (float(inits[dq.input[1]]), int(inits[dq.input[2]]))
+    return found
+
+
+TRAINED = {"0": (0.0234375, 128), "2": (0.015625, 0)}
+
+
+def test_static_int8_uses_trained_ranges_without_calibration(tmp_path):
+    model, source = exported_with_ranges(tmp_path, TRAINED)
+    layers = quantize_(model, OrtStaticInt8Config(activation_ranges="trained"), source=source)
+    assert layers == ["0", "2"]
+    assert input_qparams(model.path) == {"/0/Gemm": TRAINED["0"], "/2/Gemm": TRAINED["2"]}
+    # Outputs of the layers are not re-quantized: the fake-quantized model did not round them.
+    graph = onnx.load(str(model.path)).graph
+    consumers = {i: n.op_type for n in graph.node for i in n.input}
+    assert all(consumers.get(n.output[0]) != "QuantizeLinear" for n in graph.node if n.op_type == "Gemm")
+    x = inputs(16)
+    with torch.no_grad():
+        ref = source.module(x).numpy()
+    assert float(cosine_rows(ref, run_onnx(model.path, x)).min()) >= 0.99
+
+
+def test_static_int8_auto_calibrates_only_layers_without_a_trained_range(tmp_path):
+    model, source = exported_with_ranges(tmp_path, {"0": TRAINED["0"]})
+    with pytest.raises(DataError, match="layers without a trained range: 2"):
+        quantize_(model, OrtStaticInt8Config(), source=source)
+    calibration = [{"input_0": inputs(8, seed=s).numpy()} for s in range(3)]
+    quantize_(model, OrtStaticInt8Config(), calibration=calibration, source=source)
+    found = input_qparams(model.path)
+    assert found["/0/Gemm"] == TRAINED["0"] and found["/2/Gemm"] != TRAINED["2"]
+
+
+def test_static_int8_trained_names_layers_without_a_range(tmp_path):
+    model, source = exported_with_ranges(tmp_path, {"0": TRAINED["0"]})
+    with pytest.raises(ConfigError, match="layer '2' has no trained input range"):
+        quantize_(model, OrtStaticInt8Config(activation_ranges="trained"), source=source)
+    with pytest.raises(ConfigError, match="pass source="):
+        quantize_(model, OrtStaticInt8Config(activation_ranges="trained"))
+
+
+def test_static_int8_calibrate_ignores_trained_ranges(tmp_path):
+    model, source = exported_with_ranges(tmp_path, TRAINED)
+    calibration = [{"input_0": inputs(8, seed=s).numpy()} for s in range(3)]
+    quantize_(model, OrtStaticInt8Config(activation_ranges="calibrate"), calibration=calibration, source=source)
+    assert TRAINED["0"] not in input_qparams(model.path).values()

@@ -3,11 +3,16 @@
 A checkpoint holds the student (and projection) weights, the optimizer's state, the
 random-number generators' states and the loop's counters, so that a run resumed from it
 continues exactly as the uninterrupted run would have. Nothing is pickled.
+
+Other files in the folder (the teacher cache, by default) are not the checkpoint's: each
+save carries them over into the new folder, so replacing the checkpoint keeps them.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +50,20 @@ def _unflat_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) ->
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def _carry_over(folder: Path, new: Path) -> None:
+    """Link (or copy) into ``new`` the files of ``folder`` that are not the checkpoint's own."""
+    if not folder.is_dir():
+        return
+    for entry in folder.iterdir():
+        # Hidden names are temporary files of interrupted atomic writes.
+        if entry.name in (STATE, META, BEST) or entry.name.startswith(".") or not entry.is_file():
+            continue
+        try:
+            os.link(entry, new / entry.name)  # a second name for the same data: no copy
+        except OSError:
+            shutil.copy2(entry, new / entry.name)
+
+
 def save_checkpoint(folder: Path, trainable: torch.nn.Module, opt: torch.optim.Optimizer,
                     loop: dict[str, Any], best: dict[str, torch.Tensor] | None) -> None:
     """Write a checkpoint into ``folder``, replacing the previous one only when complete."""
@@ -56,6 +75,7 @@ def save_checkpoint(folder: Path, trainable: torch.nn.Module, opt: torch.optim.O
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{i}"] = s
     with atomic_dir(folder) as tmp:
+        _carry_over(folder, tmp)
         save_file(tensors, str(tmp / STATE))
         if best is not None:
             save_file({k: v.detach().cpu().contiguous() for k, v in best.items()}, str(tmp / BEST))

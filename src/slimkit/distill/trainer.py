@@ -22,9 +22,11 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
+from slimkit.distill import attention as A
 from slimkit.distill import losses as L
-from slimkit.distill.checkpoint import load_checkpoint, save_checkpoint
-from slimkit.distill.config import DistillConfig, LossTerm
+from slimkit.distill.cache import CACHE_FILE, cached_outputs, data_fingerprint, module_fingerprint
+from slimkit.distill.checkpoint import META, load_checkpoint, save_checkpoint
+from slimkit.distill.config import ATTENTION_KINDS, DistillConfig, LossTerm
 from slimkit.errors import ConfigError, DataError, LayerSelectionError, SlimkitError
 
 
@@ -120,6 +122,54 @@ def _key(term: int, s_name: str) -> str:
     return f"t{term}_" + re.sub(r"\W", "_", s_name)
 
 
+def _captured(term: LossTerm, name: str) -> list[str]:
+    """The layers whose outputs ``term`` reads for its mapped layer ``name``."""
+    if term.kind not in ATTENTION_KINDS:
+        return [name]
+    return [f"{name}.{child}" for child in _attention_children(term)]
+
+
+def _attention_children(term: LossTerm) -> list[str]:
+    query, key, value = term.qkv
+    return [query, key] if term.kind == "attention_kl" else [value]
+
+
+def _width(module: nn.Module, child: str) -> int | None:
+    return getattr(getattr(module, child, None), "out_features", None)
+
+
+def _suggest_relation_heads(s_heads: int, t_heads: int, s_width: int | None, t_width: int | None) -> int:
+    # MiniLMv2 uses the teacher's head count as relation heads when the student's width allows it.
+    if s_width is None or t_width is None or s_width % t_heads == 0:
+        return t_heads
+    if t_width % s_heads == 0:
+        return s_heads
+    return math.gcd(s_width, t_width)
+
+
+def _attention_shape_problems(i: int, term: LossTerm, s_name: str, t_name: str, s_out: dict, t_out: dict,
+                              heads: int) -> list[str]:
+    problems = []
+    for child in _attention_children(term):
+        s, t = s_out[f"{s_name}.{child}"], t_out[f"{t_name}.{child}"]
+        if s.dim() != 3 or t.dim() != 3:
+            problems.append(
+                f"losses[{i}]: {child} of student layer {s_name!r} gives shape {tuple(s.shape)} and of teacher layer "
+                f"{t_name!r} {tuple(t.shape)}; attention terms need [batch, sequence, width] projections"
+            )
+        elif s.shape[1] != t.shape[1]:
+            problems.append(
+                f"losses[{i}]: student layer {s_name!r} sees {s.shape[1]} positions but teacher layer {t_name!r} "
+                f"{t.shape[1]}; both models must read the same tokens"
+            )
+        elif s.shape[-1] % heads or t.shape[-1] % heads:
+            problems.append(
+                f"losses[{i}]: {child} widths {s.shape[-1]} (student {s_name!r}) and {t.shape[-1]} (teacher "
+                f"{t_name!r}) do not both split into {heads} heads; set relation_heads to a number dividing both"
+            )
+    return problems
+
+
 class Distiller:
     """Runs :class:`DistillConfig` on a teacher and a student; see :func:`slimkit.distill.distill`."""
 
@@ -133,6 +183,9 @@ class Distiller:
             raise DataError("a hard_ce loss term needs labels; the data has none (use soft or hidden terms)")
         if config.early_stopping and evaluate is None:
             raise ConfigError("early_stopping needs an evaluation function (evaluate=...)")
+        if config.teacher_cache_mode == "disk" and not (config.cache_dir or checkpoint_dir):
+            raise ConfigError("cache_teacher='disk' needs a folder: set cache_dir, or give a checkpoint_dir "
+                              "(the cache then goes into it)")
         self.config, self.data, self.evaluate = config, data, evaluate
         self.needs_teacher = any(t.kind != "hard_ce" for t in config.losses)
         if teacher is None:
@@ -145,16 +198,20 @@ class Distiller:
             p.requires_grad_(False)
         self.student = student.to(self.device)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self._refuse_checkpoint_of_another_config()
         self.progress = progress
-        self.t_layers = sorted({t for term in config.losses for t in term.layers.values()})
-        self.s_layers = sorted({s for term in config.losses for s in term.layers})
-        _check_layers(self.teacher, self.t_layers, "teacher")
-        _check_layers(self.student, self.s_layers, "student")
+        _check_layers(self.teacher, sorted({t for term in config.losses for t in term.layers.values()}), "teacher")
+        _check_layers(self.student, sorted({s for term in config.losses for s in term.layers}), "student")
+        self.attention_heads = self._check_attention()
+        self.t_layers = sorted({c for term in config.losses for t in term.layers.values() for c in _captured(term, t)})
+        self.s_layers = sorted({c for term in config.losses for s in term.layers for c in _captured(term, s)})
         torch.manual_seed(config.seed)
         self.projections = self._build_projections()
         self._epoch: int | None = None
         self._epoch_batches: tuple[torch.Tensor, ...] = ()
-        self.teacher_cache = self._teacher_outputs() if config.cache_teacher and self.needs_teacher else None
+        self.teacher_cache: torch.Tensor | None = None
+        if config.teacher_cache_mode != "none" and self.needs_teacher:
+            self.teacher_cache = self._teacher_outputs() if config.teacher_cache_mode == "memory" else self._disk_cache()
         self.trainable = nn.ModuleDict({"student": self.student, "projections": self.projections})
         params = [p for p in self.trainable.parameters() if p.requires_grad]
         if config.optimizer == "adamw":
@@ -175,10 +232,72 @@ class Distiller:
             cap.close()
         return out, cap.outputs
 
+    def _refuse_checkpoint_of_another_config(self) -> None:
+        # Checked here as well as when resuming, so that a mistake costs no teacher pass.
+        meta = self.checkpoint_dir / META if self.checkpoint_dir else None
+        if meta is None or not meta.exists():
+            return
+        try:
+            saved = json.loads(meta.read_text())["loop"]["fingerprint"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return  # unreadable: load_checkpoint reports it when the run starts
+        if saved != self._fingerprint():
+            raise self._another_config_error()
+
+    def _another_config_error(self) -> ConfigError:
+        return ConfigError(
+            f"{self.checkpoint_dir}: the checkpoint was written by a different distillation "
+            "config; delete the folder or choose another one to start over"
+        )
+
+    def _check_attention(self) -> dict[str, int]:
+        """Heads to compare for each attention layer pair; every problem is reported at once."""
+        heads: dict[str, int] = {}
+        problems = []
+        for i, term in enumerate(self.config.losses):
+            if term.kind not in ATTENTION_KINDS:
+                continue
+            children = _attention_children(term)
+            for s_name, t_name in term.layers.items():
+                s_mod, t_mod = self.student.get_submodule(s_name), self.teacher.get_submodule(t_name)
+                for which, name, module in (("student", s_name, s_mod), ("teacher", t_name, t_mod)):
+                    missing = [c for c in children if not isinstance(getattr(module, c, None), nn.Module)]
+                    if missing:
+                        has = ", ".join(n for n, _ in module.named_children()) or "none"
+                        problems.append(
+                            f"losses[{i}]: the {which}'s {name!r} has no {' / '.join(missing)} child (its children: "
+                            f"{has}); map attention modules with query/key/value projections, such as "
+                            "backbone.encoder.layer.0.attention.self, or set qkv to their projections' names"
+                        )
+                if term.relation_heads:
+                    heads[_key(i, s_name)] = term.relation_heads
+                    continue
+                s_heads, t_heads = A.head_count(s_mod), A.head_count(t_mod)
+                if s_heads is None or t_heads is None:
+                    name = s_name if s_heads is None else t_name
+                    problems.append(
+                        f"losses[{i}]: cannot tell how many attention heads {name!r} has (it has no "
+                        f"{' / '.join(A.HEAD_COUNT_ATTRIBUTES)} attribute); set relation_heads"
+                    )
+                elif s_heads != t_heads:
+                    q = children[0]
+                    r = _suggest_relation_heads(s_heads, t_heads, _width(s_mod, q), _width(t_mod, q))
+                    problems.append(
+                        f"losses[{i}]: student layer {s_name!r} has {s_heads} attention heads but teacher layer "
+                        f"{t_name!r} has {t_heads}; set relation_heads (e.g. {r}) to compare that many relation "
+                        "heads, a number dividing both layers' widths (MiniLMv2)"
+                    )
+                else:
+                    heads[_key(i, s_name)] = s_heads
+        if problems:
+            raise ConfigError(problems)
+        return heads
+
     def _build_projections(self) -> nn.ModuleDict:
-        hidden = [(i, t) for i, t in enumerate(self.config.losses) if t.layers]
+        """Run both models on two examples to size projections and check attention shapes."""
+        layered = [(i, t) for i, t in enumerate(self.config.losses) if t.layers]
         proj = nn.ModuleDict()
-        if not hidden:
+        if not layered:
             return proj
         idx = torch.arange(min(2, len(self.data)))
         inputs, _ = self.data.batch(idx, self.device)
@@ -188,11 +307,18 @@ class Distiller:
             self.student.eval()
             _, s_out = self._forward(self.student, inputs, self.s_layers)
             self.student.train(was)
-        for i, term in hidden:
+        problems = []
+        for i, term in layered:
             for s_name, t_name in term.layers.items():
+                if term.kind in ATTENTION_KINDS:
+                    heads = self.attention_heads[_key(i, s_name)]
+                    problems += _attention_shape_problems(i, term, s_name, t_name, s_out, t_out, heads)
+                    continue
                 p = _projection(s_out[s_name], t_out[t_name], i, s_name, t_name, term.projection)
                 if p is not None:
                     proj[_key(i, s_name)] = p.to(self.device)
+        if problems:
+            raise ConfigError(problems)
         return proj
 
     def _teacher_outputs(self) -> torch.Tensor:
@@ -204,14 +330,25 @@ class Distiller:
                 outs.append(self.teacher(**inputs).float())
         return torch.cat(outs)
 
+    def _disk_cache(self) -> torch.Tensor:
+        """The teacher's outputs from the disk cache, computed and written there if it is missing or stale."""
+        folder = Path(self.config.cache_dir) if self.config.cache_dir else self.checkpoint_dir
+        key = {"teacher": module_fingerprint(self.teacher),
+               "data": data_fingerprint(self.data.inputs, self.data.collate),
+               # What the cache holds: the final outputs, all that output terms read.
+               "contents": "outputs"}
+        return cached_outputs(folder / CACHE_FILE, key, len(self.data), self._teacher_outputs)
+
     def _fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        # Where the teacher cache lives does not change the run; moving it must not void checkpoints.
+        described = {k: v for k, v in self.config.to_dict().items() if k != "cache_dir"}
+        return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
 
     # -- loss ---------------------------------------------------------------------------
     def loss(self, inputs, labels, idx: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """The weighted loss of one batch (examples ``idx`` of the data), and each term's value."""
         if self.teacher_cache is not None and idx is not None:
-            t_out, t_hidden = self.teacher_cache[idx.to(self.teacher_cache.device)], {}
+            t_out, t_hidden = self.teacher_cache[idx.to(self.teacher_cache.device)].to(self.device), {}
         elif self.needs_teacher:
             with torch.no_grad():
                 t_out, t_hidden = self._forward(self.teacher, inputs, self.t_layers)
@@ -236,6 +373,8 @@ class Distiller:
             return L.mse(s_out, t_out)
         if term.kind == "output_cosine":
             return L.cosine(s_out, t_out)
+        if term.kind in ATTENTION_KINDS:
+            return self._attention_term(i, term, s_hidden, t_hidden, mask)
         fn = L.mse if term.kind == "hidden_mse" else L.cosine
         values = []
         for s_name, t_name in term.layers.items():
@@ -245,6 +384,18 @@ class Distiller:
                 p = self.projections[key]
                 s = p(s) if isinstance(p, nn.Conv2d) else p(s.float())
             values.append(fn(s, t_hidden[t_name], mask if s.dim() == 3 else None))
+        return torch.stack(values).mean()
+
+    def _attention_term(self, i: int, term: LossTerm, s_hidden, t_hidden, mask) -> torch.Tensor:
+        query, key, value = term.qkv
+        values = []
+        for s_name, t_name in term.layers.items():
+            heads = self.attention_heads[_key(i, s_name)]
+            if term.kind == "attention_kl":
+                values.append(A.attention_kl(s_hidden[f"{s_name}.{query}"], s_hidden[f"{s_name}.{key}"],
+                                             t_hidden[f"{t_name}.{query}"], t_hidden[f"{t_name}.{key}"], heads, mask))
+            else:
+                values.append(A.value_relation_kl(s_hidden[f"{s_name}.{value}"], t_hidden[f"{t_name}.{value}"], heads, mask))
         return torch.stack(values).mean()
 
     # -- schedule -----------------------------------------------------------------------
@@ -265,13 +416,10 @@ class Distiller:
         loop: dict[str, Any] = {"step": 0, "fingerprint": self._fingerprint(), "history": [], "evals": [],
                                 "best": None, "bad_evals": 0, "stopped_early": False}
         best_weights = None
-        if self.checkpoint_dir and (self.checkpoint_dir / "state.json").exists():
+        if self.checkpoint_dir and (self.checkpoint_dir / META).exists():
             saved, best_weights = load_checkpoint(self.checkpoint_dir, self.trainable, self.opt)
             if saved.get("fingerprint") != loop["fingerprint"]:
-                raise ConfigError(
-                    f"{self.checkpoint_dir}: the checkpoint was written by a different distillation "
-                    "config; delete the folder or choose another one to start over"
-                )
+                raise self._another_config_error()
             loop = saved
         columns = [TextColumn("distill"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn()]
         with Progress(*columns, disable=not self.progress) as bar:

@@ -44,11 +44,20 @@ class OrtDynamicInt8Config(SlimConfig):
 
 
 class OrtStaticInt8Config(SlimConfig):
-    """ONNX Runtime static int8 in QDQ format, with activation ranges from calibration.
+    """ONNX Runtime static int8 in QDQ format, with activation ranges from calibration
+    or from quantization-aware training.
 
     Attributes:
         calibration_samples: how many train-split examples calibrate activation ranges.
         calibrate_method: how ranges are chosen from the observed values.
+        activation_ranges: where each layer's input range comes from. ``auto``: the range
+            trained by quantization-aware training where the PyTorch model the ONNX one
+            was exported from records one (``convert_qat_(model, "onnxruntime")`` does),
+            calibration for the other layers. ``calibrate``: calibration for every layer.
+            ``trained``: trained ranges for every chosen layer (an error names any
+            without one); no calibration data is needed. Trained ranges are used exactly
+            (their scale and zero point), and layer outputs are then not re-quantized, as
+            the fake-quantized model did not round them.
     """
 
     kind = "quantize"
@@ -56,6 +65,7 @@ class OrtStaticInt8Config(SlimConfig):
     per_channel: bool = True
     calibration_samples: int = Field(128, ge=1)
     calibrate_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    activation_ranges: Literal["auto", "calibrate", "trained"] = "auto"
     layers: LayerSelector = Field(default_factory=LayerSelector)
 
 
@@ -126,7 +136,8 @@ def _with_fallback(graph, selector: LayerSelector, ops, config, calibration, sou
 
 
 @register(OrtStaticInt8Config)
-def _static(model: Any, config: OrtStaticInt8Config, calibration: list[dict[str, np.ndarray]] | None = None, **_) -> list[str]:
+def _static(model: Any, config: OrtStaticInt8Config, calibration: list[dict[str, np.ndarray]] | None = None,
+            source: Any = None, **_) -> list[str]:
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -136,11 +147,29 @@ def _static(model: Any, config: OrtStaticInt8Config, calibration: list[dict[str,
     )
 
     model = _check_onnx(model, config)
-    if not calibration:
-        raise DataError("static quantization needs calibration data from the train split; none was given")
-    check_finite(calibration)
-    feeds = calibration[: config.calibration_samples]
-    graph_inputs = {i.name for i in onnx.load(str(model.path), load_external_data=False).graph.input}
+    ops = ["MatMul", "Gemm", "Conv"]
+    proto = onnx.load(str(model.path))
+    keep, layers = _choose_nodes(proto.graph, config.layers, ops)
+    trained = {} if config.activation_ranges == "calibrate" else _trained_ranges(source, config)
+    if config.activation_ranges == "trained":
+        missing = [layer for layer in layers if layer not in trained]
+        if missing:
+            raise ConfigError([
+                f"layer {layer!r} has no trained input range; leave it out with layers.ignore, or use "
+                "activation_ranges='auto' to calibrate it" for layer in missing
+            ])
+    calibrated = [layer for layer in layers if layer not in trained]
+    if calibrated and not calibration:
+        raise DataError(
+            "static quantization needs calibration data from the train split; none was given"
+            + (f" (layers without a trained range: {', '.join(calibrated[:4])})" if trained else "")
+        )
+    if calibration:
+        check_finite(calibration)
+    # With every range trained, ONNX Runtime still runs its calibration pass; one
+    # all-zeros input serves, as no calibrated range is used.
+    feeds = calibration[: config.calibration_samples] if calibration else [_zeros_feed(proto.graph)]
+    graph_inputs = {i.name for i in proto.graph.input}
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -149,20 +178,92 @@ def _static(model: Any, config: OrtStaticInt8Config, calibration: list[dict[str,
         def get_next(self):
             return next(self._it, None)
 
-    ops = ["MatMul", "Gemm", "Conv"]
-    keep, layers = _choose_nodes(onnx.load(str(model.path), load_external_data=False).graph, config.layers, ops)
+    extra: dict[str, Any] = {"DefaultTensorType": onnx.TensorProto.FLOAT}
+    src = model.path
+    overrides = _use_trained_ranges(proto.graph, {k: v for k, v in trained.items() if k in layers}, ops)
+    if overrides:
+        src = model.next_path("ranges")
+        onnx.save(proto, str(src))
+        extra.update({
+            "TensorQuantOverrides": overrides,
+            # The fake-quantized layers did not round their outputs; neither may the deployed ones.
+            "OpTypesToExcludeOutputQuantization": ops,
+            # Keep the weight grid the layers trained on even where the bias's int32 grid
+            # (input scale x weight scale) is too fine for it: the bias is then clipped, as
+            # the fake-quantized layers clip it, instead of the weights being rescaled.
+            "QDQDisableWeightAdjustForInt32Bias": True,
+        })
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[config.calibrate_method]
     out = model.next_path("qdq")
     with _quiet():
         quantize_static(
-            str(model.path), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=config.per_channel,
+            str(src), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=config.per_channel,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=ops,
-            nodes_to_exclude=keep, calibrate_method=method,
-            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+            nodes_to_exclude=keep, calibrate_method=method, extra_options=extra,
         )
     model.path = out
     return layers
+
+
+def _trained_ranges(source: Any, config: OrtStaticInt8Config) -> dict[str, dict[str, Any]]:
+    """Input ranges recorded on the PyTorch model (``static_int8`` with target onnxruntime)."""
+    from slimkit.quantize.api import transforms_of
+    from slimkit.quantize.static_int8 import StaticInt8Config
+
+    module = getattr(source, "module", source)
+    if module is None:
+        if config.activation_ranges == "trained":
+            raise ConfigError(
+                "activation_ranges='trained' reads the ranges from the PyTorch model the ONNX model was "
+                "exported from; call it through a recipe, or pass source=<that model>"
+            )
+        return {}
+    ranges: dict[str, dict[str, Any]] = {}
+    for t in transforms_of(module):
+        cfg = t["config"]
+        if cfg["method"] == StaticInt8Config.method and cfg.get("target") == "onnxruntime":
+            ranges.update({name: r for name, r in cfg["input_ranges"].items() if name in t["layers"]})
+    return ranges
+
+
+def _use_trained_ranges(graph: onnx.GraphProto, ranges: dict[str, dict[str, Any]], ops: list[str]) -> dict[str, Any]:
+    """Give each layer with a trained range its own input tensor (through an Identity),
+    and return ONNX Runtime's overrides for those tensors.
+
+    Layers that read the same tensor (say, two heads on one feature vector) may have
+    trained different ranges; a tensor can only carry one, hence one tensor per layer.
+    """
+    overrides: dict[str, Any] = {}
+    nodes = []
+    for node in graph.node:
+        layer = node_layer_name(node.name, node.op_type)
+        if node.op_type in ops and layer in ranges:
+            tensor = f"{node.input[0]}/{layer}.input"
+            nodes.append(onnx.helper.make_node("Identity", [node.input[0]], [tensor], name=f"{node.name}/input_range"))
+            node = onnx.NodeProto.FromString(node.SerializeToString())
+            node.input[0] = tensor
+            r = ranges[layer]
+            overrides[tensor] = [{"scale": np.array(r["scale"], dtype=np.float32),
+                                  "zero_point": np.array(r["zero_point"], dtype=np.uint8)}]
+        nodes.append(node)
+    if overrides:
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return overrides
+
+
+def _zeros_feed(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    """One all-zeros input per graph input, unknown dimensions set to 1."""
+    weights = {i.name for i in graph.initializer}
+    feed = {}
+    for i in graph.input:
+        if i.name in weights:
+            continue
+        t = i.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else 1 for d in t.shape.dim]
+        feed[i.name] = np.zeros(shape, dtype=onnx.helper.tensor_dtype_to_np_dtype(t.elem_type))
+    return feed
 
 
 def check_finite(batches: list[dict[str, np.ndarray]]) -> None:

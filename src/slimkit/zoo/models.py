@@ -93,15 +93,20 @@ def load_model(source: str) -> LoadedModel:
     """Load a model by name.
 
     Args:
-        source: a zoo name (``minilm-l6``), a folder saved by :func:`slimkit.save`, a
-            local Hugging Face model directory, or ``package.module:function`` naming a
-            callable that returns an ``nn.Module`` or a ``(module, example_inputs)`` pair.
+        source: a zoo name (``minilm-l6``, ``mobilenet-v2``), a folder saved by
+            :func:`slimkit.save`, a local Hugging Face model directory, or
+            ``package.module:function`` naming a callable that returns an ``nn.Module``
+            or a ``(module, example_inputs)`` pair.
 
     Raises:
         ModelLoadError: the source does not exist, or its files are missing or corrupt.
     """
     if source in ZOO_MODELS:
         return _load_hf_dir(zoo_model_dir(source), {"kind": "hf", "source": f"zoo:{source}"})
+    if source == "mobilenet-v2":  # our own architecture; only its weights come from a package
+        from slimkit.zoo.mobilenet import zoo_model
+
+        return zoo_model()
     if ":" in source and not os.path.exists(source):
         return _load_callable(source)
     path = Path(source)
@@ -115,7 +120,7 @@ def load_model(source: str) -> LoadedModel:
     if path.is_dir():
         return _load_hf_dir(path, {"kind": "hf", "source": str(path)})
     raise ModelLoadError(
-        f"model {source!r} is not a zoo name ({', '.join(ZOO_MODELS)}), an existing Hugging "
+        f"model {source!r} is not a zoo name ({', '.join([*ZOO_MODELS, 'mobilenet-v2'])}), an existing Hugging "
         "Face model directory, or 'package.module:function'; check the path or name"
     )
 
@@ -180,6 +185,10 @@ def build_from_spec(spec: dict[str, Any], tokenizer_dir: Path | None = None) -> 
         args = {k: v for k, v in spec.items() if k != "kind"}
         mlp = MLP(**args).eval()
         return LoadedModel(mlp, mlp.spec, None, None, (torch.zeros(1, args["in_features"]),))
+    if spec.get("kind") == "mobilenet_v2":
+        from slimkit.zoo.mobilenet import from_spec
+
+        return from_spec(spec)
     if spec.get("kind") != "hf":
         raise ModelLoadError(f"unknown model kind {spec.get('kind')!r} in slimkit.json")
     from transformers import AutoConfig, AutoModel, AutoTokenizer
