@@ -189,6 +189,11 @@ def build_from_spec(spec: dict[str, Any], tokenizer_dir: Path | None = None) -> 
         from slimkit.zoo.mobilenet import from_spec
 
         return from_spec(spec)
+    if spec.get("kind") == "lenet5":
+        from slimkit.zoo.lenet import LeNet5
+
+        net = LeNet5(spec.get("num_classes", 10)).eval()
+        return LoadedModel(net, net.spec, None, None, (torch.zeros(1, 1, 28, 28),))
     if spec.get("kind") != "hf":
         raise ModelLoadError(f"unknown model kind {spec.get('kind')!r} in slimkit.json")
     from transformers import AutoConfig, AutoModel, AutoTokenizer
