@@ -7,6 +7,7 @@ import yaml
 
 from slimkit.deploy.export import ExportConfig
 from slimkit.errors import ConfigError
+from slimkit.prune import TransformerPruneConfig
 from slimkit.quantize import (
     DynamicInt8Config,
     Int4WeightOnlyConfig,
@@ -59,7 +60,7 @@ def test_every_problem_is_reported_at_once_with_its_key_path():
         "measure": {"rounds": "seven"},  # wrong type
         "stages": [
             {"quantize": {"method": "dynamic_int8"}},
-            {"prune": {"amount": 0.5}},  # unknown stage kind
+            {"sparsify": {"amount": 0.5}},  # unknown stage kind
             {"quantize": {"method": "int3_magic"}},  # unknown method
             {"quantize": {"method": "ort_dynamic_int8"}},  # ort_* before export
             {"export": {}},
@@ -85,7 +86,7 @@ def test_every_problem_is_reported_at_once_with_its_key_path():
 
     one("colour: unknown key")
     one("measure.rounds: ", "'seven'")
-    one("stages[1]: unknown stage 'prune'", "export, quantize")
+    one("stages[1]: unknown stage 'sparsify'", "export, prune, quantize")
     one("stages[2].quantize.method: unknown method 'int3_magic'", "dynamic_int8")
     one("stages[3].quantize: method 'ort_dynamic_int8' works on an ONNX model", "export")
     one("stages[5].quantize: method 'dynamic_int8' works on a PyTorch model", "already exported")
@@ -243,3 +244,21 @@ def test_a_broken_export_still_counts_as_an_export_for_later_stages():
     problems = problems_of({"name": "d", "model": "m", "stages": [
         {"export": {"opset": "seventeen"}}, {"quantize": {"method": "ort_dynamic_int8"}}]})
     assert len(problems) == 1 and problems[0].startswith("stages[0].export.opset")
+
+
+def test_a_prune_stage_comes_before_the_export():
+    recipe = Recipe.from_dict({"name": "p", "model": "m", "stages": [
+        {"prune": {"method": "transformer_structured", "heads": 0.5, "ffn": {"0": 0.25}, "importance": "taylor"}},
+        {"export": {}}, {"quantize": None}]})
+    assert recipe.stages[0] == TransformerPruneConfig(heads=0.5, ffn={0: 0.25}, importance="taylor")
+    problems = problems_of({"name": "p", "model": "m", "stages": [
+        {"export": {}}, {"prune": {"method": "transformer_structured", "heads": 0.5}}]})
+    assert problems == ["stages[1].prune: method 'transformer_structured' works on a PyTorch model but the model is "
+                        "already exported; move it before the export stage or use an ort_* method"]
+
+
+def test_a_prune_stage_names_its_method():
+    problems = problems_of({"name": "p", "model": "m", "stages": [{"prune": {"heads": 0.5}}]})
+    (problem,) = problems
+    assert problem.startswith("stages[0].prune.method: required for a prune stage; choose one of ")
+    assert "channels" in problem and "transformer_structured" in problem

@@ -8,11 +8,14 @@ from slimkit import registry
 from slimkit.config import LayerSelector, SlimConfig
 from slimkit.deploy.export import ExportConfig
 from slimkit.errors import ConfigError
+from slimkit.prune import LayerStructure, TransformerPruneConfig
 from slimkit.quantize import DynamicInt8Config, quantize_
 
 EXPECTED = {
+    "cluster": ["kmeans"],
     "distill": ["kd"],
     "export": ["onnx"],
+    "prune": ["channels", "magnitude", "make_permanent", "transformer_structured"],
     "quantize": [
         "dynamic_int8",
         "int4_weight_only",
@@ -25,7 +28,7 @@ EXPECTED = {
     ],
 }
 # Fields a config cannot do without; every other field has a default.
-REQUIRED = {"DistillStageConfig": {"student": {"layers": [0]}}}
+REQUIRED = {"DistillStageConfig": {"student": {"layers": [0]}}, "MagnitudePruneConfig": {"sparsity": 0.5}}
 
 
 def example(cls: type[SlimConfig]) -> SlimConfig:
@@ -40,7 +43,7 @@ def test_kinds_and_methods():
     assert registry.kinds() == sorted(EXPECTED)
     for kind, methods in EXPECTED.items():
         assert registry.methods(kind) == methods
-    assert registry.methods("prune") == []
+    assert registry.methods("search") == []
     assert registry.config_class("quantize", "int3") is None
 
 
@@ -59,6 +62,9 @@ def test_non_default_configs_round_trip():
     for cfg in [
         DynamicInt8Config(granularity="per_tensor", layers=LayerSelector(targets=["re:0|2"], ignore=["2"])),
         ExportConfig(opset=18, optimize="none"),
+        # JSON turns the layer indices into strings; they come back as ints.
+        TransformerPruneConfig(heads={0: 0.5, 3: 0.25}, ffn=0.3, importance="michel",
+                               kept={0: LayerStructure(heads=[0, 2], ffn=5), 3: LayerStructure(heads=3)}),
     ]:
         assert registry.config_from_dict(cfg.to_dict()) == cfg
 

@@ -13,6 +13,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "quantize_": "slimkit.quantize.api",
+    "prune_": "slimkit.prune.api",
+    "cluster_": "slimkit.compress.api",
     "export": "slimkit.deploy.export",
     "load_model": "slimkit.zoo.models",
     "load_task": "slimkit.zoo.tasks",

@@ -171,6 +171,11 @@ def parse_stages(stages: list, where: str, problems: list[str]) -> list[SlimConf
             # right place and the user is not told to add an export they already have.
             exported = True
         cls = config_class(kind, method) if method else None
+        if cls is None and method is None:
+            # A stage kind with several methods and no default for where the model is
+            # (prune: channels for CNNs, transformer_structured for encoders).
+            problems.append(f"{path}.{kind}.method: required for a {kind} stage; choose one of {', '.join(methods(kind))}")
+            continue
         if cls is None:
             problems.append(f"{path}.{kind}.method: unknown method {method!r}; choose one of {', '.join(methods(kind))}")
             continue

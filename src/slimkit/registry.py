@@ -64,8 +64,12 @@ def config_from_dict(data: dict[str, Any]) -> SlimConfig:
 def _load_builtin_methods() -> None:
     # Importing the method modules runs their @register decorators. They are listed
     # explicitly (not discovered by scanning) so what is registered is plain to see.
+    import slimkit.compress.cluster  # noqa: F401
     import slimkit.deploy.export  # noqa: F401
     import slimkit.distill.stage  # noqa: F401
+    import slimkit.prune.cnn  # noqa: F401
+    import slimkit.prune.heads  # noqa: F401
+    import slimkit.prune.magnitude  # noqa: F401
     import slimkit.quantize.dynamic  # noqa: F401
     import slimkit.quantize.lowp  # noqa: F401
     import slimkit.quantize.ort  # noqa: F401

@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from slimkit import __version__, serialize
 from slimkit.atomic import atomic_dir, write_json, write_text
+from slimkit.compress.api import cluster_
 from slimkit.config import SlimConfig
 from slimkit.deploy.export import export
 from slimkit.deploy.onnx_model import OnnxModel
@@ -26,6 +27,7 @@ from slimkit.measure.latency import measure_latency
 from slimkit.measure.memory import peak_rss
 from slimkit.measure.runners import make_runner
 from slimkit.measure.task import TokenizedTexts, embed, fit_head, nearest_neighbours, task_metrics
+from slimkit.prune.api import prune_
 from slimkit.quantize.api import quantize_, record_transform, transforms_of
 from slimkit.recipe import Recipe
 from slimkit.zoo.models import LoadedModel, load_model
@@ -84,7 +86,9 @@ def apply_stages(model: LoadedModel, configs: list[SlimConfig], workdir: Path, c
 
     A distill stage replaces the model by the student it trains (on ``train_texts``
     unless the stage names a file), keeps resumable checkpoints under ``checkpoints``,
-    and appends its training record to ``training``.
+    and appends its training record to ``training``. A prune stage shrinks the model
+    (scoring on ``calibration`` where its importance needs data), and the architecture
+    returned is the pruned one.
     """
     if not configs:
         return model, model
@@ -106,6 +110,14 @@ def apply_stages(model: LoadedModel, configs: list[SlimConfig], workdir: Path, c
             architecture = current.clone() if i < len(configs) - 1 else current
             if training is not None:
                 training.append({"stage": i, **record})
+        elif cfg.kind == "prune":
+            # Recipes put PyTorch-side stages before the export, so this is a LoadedModel.
+            # Importance from gradients scores on the calibration sentences (train split).
+            prune_(current.module, cfg, calibration=calibration)
+            # The model is smaller now: the energy estimate counts what it computes.
+            architecture = current.clone() if i < len(configs) - 1 else current
+        elif cfg.kind == "cluster":
+            cluster_(current.module, cfg)
         else:
             target = current if isinstance(current, OnnxModel) else current.module
             # ``source``: the PyTorch model an ONNX stage came from, for methods that
@@ -143,7 +155,7 @@ def run(recipe: Recipe, output: str | Path | None = None, progress: bool = True)
         )
         bar.advance(step)
         feeds = {b: fixed_length_batch(model.tokenizer, data.test_texts, b, m.seq_len, model.max_seq_len) for b in m.batch_sizes}
-        wanted = [getattr(c, "calibration_samples", 0) for c in recipe.stages + [c for _, cs in recipe.compare for c in cs]]
+        wanted = [getattr(c, "calibration_samples", 0) or getattr(c, "calibration_batches", 0) for c in recipe.stages + [c for _, cs in recipe.compare for c in cs]]
         calibration = _calibration_feeds(model, data, max([128, *wanted]))
 
         plan = [(BASELINE, [], False), (spec.variant, recipe.stages, True)] + [(n, c, False) for n, c in recipe.compare]

@@ -162,10 +162,10 @@ def test_narrow_cnn_rounds_halves_up_and_keeps_one_channel():
 
 def test_narrow_cnn_refuses_bad_arguments_all_at_once():
     with pytest.raises(ConfigError) as err:
-        narrow_cnn(tiny_cnn(), 1.5, images(), importance="l2")
+        narrow_cnn(tiny_cnn(), 1.5, images(), importance="taylor")
     assert len(err.value.problems) == 2
     assert "width: 1.5 must be a fraction" in err.value.problems[0]
-    assert "importance: 'l2' is not known; choose one of l1" in err.value.problems[1]
+    assert "importance: 'taylor' is not known; choose one of l1, l2" in err.value.problems[1]
 
 
 def test_narrow_mobilenet_v2_runs(one_thread):

@@ -88,8 +88,26 @@ def export(model: LoadedModel, config: ExportConfig | None = None, workdir: Path
         opt = optimize_model(
             str(path), model_type="bert", num_heads=hf["num_attention_heads"], hidden_size=hf["hidden_size"]
         )
+        _per_layer_heads(opt.model.graph, hf["hidden_size"] // hf["num_attention_heads"])
         fused = workdir / "model.fused.onnx"
         opt.save_model_to_file(str(fused))
         path.unlink()
         path = fused
     return OnnxModel(path, dict(model.spec), model.tokenizer, model.max_seq_len, workdir)
+
+
+def _per_layer_heads(graph, head_size: int) -> None:
+    """Give each fused Attention node its own layer's head count.
+
+    The optimizer stamps every node with the model-wide count; a layer whose heads were
+    pruned has fewer, read here from the width of its query projection.
+    """
+    weights = {t.name: t for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type != "Attention" or len(node.input) < 2 or node.input[1] not in weights:
+            continue
+        sizes = next((list(a.ints) for a in node.attribute if a.name == "qkv_hidden_sizes"), None)
+        q_width = sizes[0] if sizes else weights[node.input[1]].dims[1] // 3
+        for a in node.attribute:
+            if a.name == "num_heads":
+                a.i = q_width // head_size

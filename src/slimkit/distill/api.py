@@ -23,6 +23,7 @@ def distill(
     checkpoint_dir: str | Path | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
+    on_step: Callable[[int, nn.Module], None] | None = None,
 ) -> DistillResult:
     """Train ``student`` (in place) to match the frozen ``teacher`` on ``data``.
 
@@ -40,6 +41,9 @@ def distill(
             config, the run resumes from it and ends as the uninterrupted run would.
         device: defaults to CUDA when available.
         progress: draw a progress bar with the loss.
+        on_step: ``(step, student) -> None``, called after each optimizer step (``step``
+            counts steps done, from 1), before evaluation and checkpointing; e.g. a
+            :class:`slimkit.prune.magnitude.GradualPruner` raising the sparsity on schedule.
 
     Returns:
         The losses per step, the evaluations, the best one and whether it stopped early.
@@ -51,4 +55,4 @@ def distill(
         DataError: empty data, or labels missing for a hard-label term.
         NonFiniteLoss: the loss became NaN or inf (the last checkpoint is kept).
     """
-    return Distiller(teacher, student, data, config, evaluate, checkpoint_dir, device, progress).run()
+    return Distiller(teacher, student, data, config, evaluate, checkpoint_dir, device, progress, on_step).run()

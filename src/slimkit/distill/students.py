@@ -15,7 +15,7 @@ from torch import nn
 
 from slimkit.errors import ConfigError
 from slimkit.prune import channel_groups, channel_importance, shrink_
-from slimkit.prune.importance import IMPORTANCE_METHODS
+from slimkit.prune.importance import WEIGHT_METHODS
 from slimkit.zoo.models import LoadedModel
 
 
@@ -82,8 +82,8 @@ def narrow_cnn(
     problems = []
     if isinstance(width, bool) or not isinstance(width, (int, float)) or not 0 < width <= 1:
         problems.append(f"width: {width!r} must be a fraction of the teacher's channels in (0, 1]")
-    if importance not in IMPORTANCE_METHODS:
-        problems.append(f"importance: {importance!r} is not known; choose one of {', '.join(IMPORTANCE_METHODS)}")
+    if importance not in WEIGHT_METHODS:
+        problems.append(f"importance: {importance!r} is not known; choose one of {', '.join(WEIGHT_METHODS)}")
     if problems:
         raise ConfigError(problems)
     student = copy.deepcopy(teacher)

@@ -176,7 +176,7 @@ class Distiller:
     def __init__(self, teacher: nn.Module | None, student: nn.Module, data: DistillData, config: DistillConfig,
                  evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
                  checkpoint_dir: str | Path | None = None, device: str | torch.device | None = None,
-                 progress: bool = True):
+                 progress: bool = True, on_step: Callable[[int, nn.Module], None] | None = None):
         if len(data) == 0:
             raise DataError("distillation data is empty; give at least one training example")
         if any(t.kind == "hard_ce" for t in config.losses) and data.labels is None:
@@ -186,7 +186,7 @@ class Distiller:
         if config.teacher_cache_mode == "disk" and not (config.cache_dir or checkpoint_dir):
             raise ConfigError("cache_teacher='disk' needs a folder: set cache_dir, or give a checkpoint_dir "
                               "(the cache then goes into it)")
-        self.config, self.data, self.evaluate = config, data, evaluate
+        self.config, self.data, self.evaluate, self.on_step = config, data, evaluate, on_step
         self.needs_teacher = any(t.kind != "hard_ce" for t in config.losses)
         if teacher is None:
             if self.needs_teacher:
@@ -430,6 +430,10 @@ class Distiller:
                 epoch, in_epoch = divmod(step, self.steps_per_epoch)
                 loss, parts = self._step(epoch, in_epoch, step)
                 loop["step"] = step = step + 1
+                if self.on_step is not None:
+                    # Before evaluation and checkpointing, so that both see what it changed
+                    # (a gradual pruning mask) and a resumed run continues from the same state.
+                    self.on_step(step, self.student)
                 loop["history"].append({"step": step, "epoch": epoch, "loss": loss, **parts})
                 bar.update(task, completed=step, loss=f"{loss:.4f}")
                 end_of_epoch = step % self.steps_per_epoch == 0

@@ -1,0 +1,320 @@
+"""Pruning CNN channels: choose how many channels each group keeps, and which ones.
+
+The dependency analysis (:func:`slimkit.prune.channel_groups`) says which channels must go
+together; an importance score (:mod:`slimkit.prune.importance`) ranks them; this module
+turns a pruning ratio (one for all groups, one per group, or one global budget) into the
+channels each group keeps, and removes the rest with :func:`slimkit.prune.shrink_`.
+
+A group is named by its *key*: the qualified name of the first module that produces its
+channels (:func:`group_key`). A residual stream written by several blocks has one key,
+the first block's projection; any of its producers' names selects it in ``ratio``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, field_validator, model_validator
+from torch import nn
+
+from slimkit.config import SlimConfig
+from slimkit.errors import ConfigError
+from slimkit.prune.api import Pruned
+from slimkit.prune.channels import (
+    _CONV,
+    _NORM,
+    ChannelGroup,
+    _extent,
+    _slice,
+    channel_groups,
+    shrink_,
+)
+from slimkit.prune.importance import LossFn, channel_importance, taylor_importance
+from slimkit.registry import register
+
+_ROLES = ("out", "in", "norm", "depthwise")
+
+
+class ChannelPruneConfig(SlimConfig):
+    """Remove output channels of convolutions, and everything tied to them.
+
+    Attributes:
+        ratio: the fraction of channels removed, in ``[0, 1)``: one number for every
+            prunable group, or ``{group: ratio}`` where a group is named by any of its
+            producing modules (or a ``re:`` regex matching one); groups not named are left
+            whole. With ``scope="global"`` it must be one number.
+        scope: ``per_group`` removes ``ratio`` of each group's channels; ``global`` removes
+            ``ratio`` of all prunable channels together, the least important first, after
+            dividing each group's scores by their mean so that groups are comparable.
+            Global pruning cuts unimportant groups more and important ones less.
+        importance: ``l1`` or ``l2`` (filter norms; no data needed) or ``taylor`` (first
+            order Taylor on calibration batches; see
+            :func:`slimkit.prune.importance.taylor_importance`).
+        round_to: each group keeps a multiple of this many channels (8 suits vector
+            units and tensor cores). Counts are rounded up, so at most ``ratio`` is removed.
+        min_channels: no group keeps fewer channels than this.
+        exclude: modules (qualified names or ``re:`` regexes) that are neither traced nor
+            resized; the channels flowing into and out of them are left whole.
+        example_input_shape: the shape of a float input the model accepts, e.g.
+            ``[1, 3, 224, 224]``, used to trace it. The handler's ``example_input``
+            argument overrides it.
+        kept: the structure the pruning left, which :func:`slimkit.prune_` records with
+            the model: the new size of every resized module dimension, keyed
+            ``"module:role"`` (role ``out``, ``in``, ``norm`` or ``depthwise``), e.g.
+            ``{"features.2.conv.0.0:out": 48}``. When set, it decides alone: the modules
+            are resized to it, keeping their first channels (loading a saved model then
+            overwrites their values), and nothing is traced or scored.
+    """
+
+    kind = "prune"
+    method = "channels"
+    ratio: float | dict[str, float] = 0.5
+    scope: Literal["per_group", "global"] = "per_group"
+    importance: Literal["l1", "l2", "taylor"] = "l1"
+    round_to: int = Field(1, ge=1)
+    min_channels: int = Field(1, ge=1)
+    exclude: list[str] = Field(default_factory=list)
+    example_input_shape: list[int] | None = None
+    kept: dict[str, int] | None = None
+
+    @field_validator("ratio")
+    @classmethod
+    def _ratio_in_range(cls, v: float | dict[str, float]) -> float | dict[str, float]:
+        values = v.values() if isinstance(v, dict) else [v]
+        if not all(0 <= r < 1 for r in values):
+            raise ValueError("every ratio must be a fraction of channels removed, in [0, 1)")
+        for key in v if isinstance(v, dict) else ():
+            if key.startswith("re:"):
+                try:
+                    re.compile(key[3:])
+                except re.error as e:
+                    raise ValueError(f"bad regex {key!r}: {e}") from None
+        return v
+
+    @field_validator("example_input_shape")
+    @classmethod
+    def _shape_positive(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or any(d < 1 for d in v)):
+            raise ValueError("give the input's full shape with positive sizes, e.g. [1, 3, 224, 224]")
+        return v
+
+    @model_validator(mode="after")
+    def _global_needs_one_ratio(self) -> ChannelPruneConfig:
+        if self.scope == "global" and isinstance(self.ratio, dict):
+            raise ValueError("scope 'global' takes one ratio for all groups, not a ratio per group")
+        return self
+
+    @field_validator("kept")
+    @classmethod
+    def _kept_keys(cls, v: dict[str, int] | None) -> dict[str, int] | None:
+        for key, size in (v or {}).items():
+            if key.rpartition(":")[2] not in _ROLES or size < 1:
+                raise ValueError(f"{key}={size}: keys are 'module:role' with role one of {', '.join(_ROLES)}, sizes >= 1")
+        return v
+
+    def replay_on(self, layers: list[str]) -> ChannelPruneConfig:
+        """The recorded structure: loading only resizes modules, it traces and scores nothing."""
+        if self.kept is None:
+            raise ConfigError(
+                "a recorded channels transform has no `kept` structure; it was recorded without "
+                "slimkit.prune_, so save the model again after pruning it with prune_"
+            )
+        return self
+
+
+def group_key(group: ChannelGroup) -> str:
+    """The name of a group: the qualified name of its first producing module.
+
+    Stable for a given architecture: analysing a freshly built copy gives the same keys.
+    """
+    producers = group.producers
+    return producers[0].module if producers else f"#{group.index}"
+
+
+def prunable_groups(groups: Iterable[ChannelGroup]) -> list[ChannelGroup]:
+    """The groups whose channels may be removed and that have filters to score."""
+    return [g for g in groups if g.prunable and g.producers]
+
+
+def kept_channels(size: int, ratio: float, round_to: int = 1, min_channels: int = 1) -> int:
+    """How many of ``size`` channels a group keeps when ``ratio`` of them are removed.
+
+    ``floor(ratio * size)`` channels are removed; the rest is rounded up to a multiple of
+    ``round_to`` and raised to ``min_channels``, never beyond ``size``.
+    """
+    return _rounded(size, size - math.floor(ratio * size + 1e-9), round_to, min_channels)
+
+
+def _rounded(size: int, keep: int, round_to: int, min_channels: int) -> int:
+    keep = max(keep, min_channels)
+    return min(-(-keep // round_to) * round_to, size)
+
+
+@register(ChannelPruneConfig)
+def prune_channels(
+    model: nn.Module,
+    config: ChannelPruneConfig,
+    example_input: torch.Tensor | tuple | None = None,
+    calibration: Iterable[Any] | None = None,
+    loss_fn: LossFn | None = None,
+    **_: Any,
+) -> Pruned:
+    """Remove channels of ``model`` in place as ``config`` says; use :func:`slimkit.prune_`.
+
+    Args:
+        model: a CNN ``torch.fx`` can trace (apart from ``config.exclude``).
+        config: the ratio, scope and importance.
+        example_input: an input the model accepts, to trace it; else a zero tensor of
+            ``config.example_input_shape``.
+        calibration: batches from the train split, for ``importance="taylor"``.
+        loss_fn: ``loss_fn(model, batch) -> loss`` for ``taylor``; default a label-free
+            probe of the output (see :func:`slimkit.prune.importance.taylor_importance`).
+
+    Returns:
+        The qualified names of the modules that changed, sorted, and the config with
+        ``kept`` filled in: the new size of every module dimension that shrank, from
+        which loading a saved model rebuilds the architecture.
+
+    Raises:
+        ConfigError: no example input, a ratio naming no prunable group, or ``taylor``
+            without calibration batches.
+        UntraceableModel: torch.fx cannot trace the model; the message names the module
+            to put in ``exclude``.
+    """
+    if config.kept is not None:
+        return Pruned(_resize(model, config.kept), config)
+    x = _example(model, config, example_input)
+    groups = channel_groups(model, x, config.exclude)
+    ratios = _ratios(groups, config)
+    chosen = [g for g in ratios if ratios[g] > 0]
+    if config.importance == "taylor":
+        scores = dict(zip(chosen, taylor_importance(model, chosen, calibration, loss_fn), strict=True))
+    else:
+        scores = {g: channel_importance(model, g, config.importance) for g in chosen}
+    if config.scope == "global":
+        counts = _global_counts(scores, float(config.ratio), config.round_to, config.min_channels)
+    else:
+        counts = {g: kept_channels(g.size, ratios[g], config.round_to, config.min_channels) for g in chosen}
+    keep = {g: top_channels(scores[g], n) for g, n in counts.items() if n < g.size}
+    kept = shrink_and_describe(model, keep)
+    return Pruned(sorted({key.rpartition(":")[0] for key in kept}), config.model_copy(update={"kept": kept}))
+
+
+def shrink_and_describe(model: nn.Module, keep: Mapping[ChannelGroup, torch.Tensor | Sequence[int]]) -> dict[str, int]:
+    """:func:`slimkit.prune.shrink_`, returning the new size of each module dimension that shrank.
+
+    The result, keyed ``"module:role"`` and sorted, is what ``ChannelPruneConfig.kept``
+    holds: enough to resize a freshly built model to the same shapes.
+    """
+    shrink_(model, keep)
+    modules = dict(model.named_modules())
+    sizes = {}
+    for group in keep:
+        for m in group.members:
+            size = _extent(modules[m.module], m.role)
+            if size != m.extent:
+                sizes[f"{m.module}:{m.role}"] = size
+    return dict(sorted(sizes.items()))
+
+
+def _resize(model: nn.Module, sizes: Mapping[str, int]) -> list[str]:
+    """Resize module dimensions to the recorded sizes, keeping their first channels.
+
+    Nothing is changed unless every entry fits the model.
+    """
+    problems, plan = [], []
+    for key, size in sizes.items():
+        name, _, role = key.rpartition(":")
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            problems.append(f"{name!r}: the saved record names a module this model does not have")
+            continue
+        if not isinstance(module, (*_CONV, nn.Linear, *_NORM)) or not 0 < size <= _extent(module, role):
+            problems.append(f"{key}={size}: cannot resize {type(module).__name__} {name!r} to that")
+            continue
+        plan.append((module, role, size))
+    if problems:
+        raise ConfigError(problems)
+    for module, role, size in plan:
+        if _extent(module, role) != size:
+            _slice(module, role, torch.arange(size))
+    return sorted({key.rpartition(":")[0] for key in sizes})
+
+
+def _example(model: nn.Module, config: ChannelPruneConfig, example_input: Any) -> Any:
+    if example_input is not None:
+        return example_input
+    if config.example_input_shape is None:
+        raise ConfigError(
+            "channel pruning traces the model on an example input: pass example_input=... or "
+            "set example_input_shape, e.g. [1, 3, 224, 224]"
+        )
+    p = next(model.parameters(), None)
+    return torch.zeros(config.example_input_shape, device=p.device if p is not None else None)
+
+
+def _ratios(groups: list[ChannelGroup], config: ChannelPruneConfig) -> dict[ChannelGroup, float]:
+    candidates = prunable_groups(groups)
+    if not isinstance(config.ratio, dict):
+        return {g: float(config.ratio) for g in candidates}
+    problems, ratios = [], {}
+    for pattern, ratio in config.ratio.items():
+        hits = [g for g in groups if any(_matches(m.module, pattern) for m in g.producers)]
+        if not hits:
+            known = ", ".join(group_key(g) for g in candidates[:6]) + (", ..." if len(candidates) > 6 else "")
+            problems.append(f"ratio: {pattern!r} produces no channel group; prunable groups are named like: {known}")
+            continue
+        usable = [g for g in hits if g in candidates]
+        # A regex may sweep over fixed groups; an exact name of one is a mistake.
+        if not usable or not pattern.startswith("re:"):
+            for g in hits:
+                if g not in candidates:
+                    why = "; ".join(g.reasons) or "it has no filters to score"
+                    problems.append(f"ratio: {pattern!r} names group {group_key(g)!r}, which cannot be pruned: {why}")
+        for g in usable:
+            if g in ratios and ratios[g] != ratio:
+                problems.append(f"ratio: {pattern!r} gives group {group_key(g)!r} a second ratio ({ratios[g]} and {ratio})")
+            else:
+                ratios[g] = float(ratio)
+    if problems:
+        raise ConfigError(problems)
+    return ratios
+
+
+def _matches(name: str, pattern: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return name == pattern
+
+
+def _global_counts(scores: Mapping[ChannelGroup, torch.Tensor], ratio: float, round_to: int, min_channels: int) -> dict[ChannelGroup, int]:
+    """Channels kept per group when ``ratio`` of all channels go, least important first."""
+    entries = []
+    for i, s in enumerate(scores.values()):
+        mean = float(s.mean())
+        normed = s / mean if mean > 0 else torch.zeros_like(s)
+        entries += [(float(v), i, c) for c, v in enumerate(normed)]
+    groups = list(scores)
+    kept = {g: g.size for g in groups}
+    floor = {g: min(g.size, max(min_channels, 1)) for g in groups}
+    budget = math.floor(ratio * len(entries) + 1e-9)
+    for _, i, _ in sorted(entries):
+        if budget == 0:
+            break
+        g = groups[i]
+        if kept[g] > floor[g]:
+            kept[g] -= 1
+            budget -= 1
+    # Rounding goes up, so no group loses more than the global ranking gave it.
+    return {g: _rounded(g.size, n, round_to, min_channels) for g, n in kept.items()}
+
+
+def top_channels(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices of the ``n`` highest ``scores``, ascending; ties keep the lower index."""
+    # A stable sort keeps the lower index among equal scores, so the choice is reproducible.
+    return torch.sort(scores, descending=True, stable=True).indices[:n].sort().values
