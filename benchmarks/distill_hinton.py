@@ -1,16 +1,19 @@
 """Hinton, Vinyals and Dean (2015), "Distilling the knowledge in a neural network", on Fashion-MNIST.
 
-The paper's MNIST design: a large teacher regularised with dropout and jittered inputs
+The paper's MNIST design: a large teacher regularised with dropout and varied inputs
 (784-1200-1200-10), and a small unregularised net (784-800-800-10), trained once on hard
 labels and once on the teacher's soft targets at T = 20 (the transfer set is the plain
-training set, as in the paper). Here: one teacher, five seeds for each small net, every net trained by
-the same loop with the same epoch budget, optimizer and early stopping on a validation
-split carved from the training set; errors counted on the full 10,000-image test split.
+training set, as in the paper). Here: one teacher, five seeds for each small net, every
+net trained by the same loop with the same epoch budget, optimizer and early stopping on
+a validation split carved from the training set; errors counted on the full
+10,000-image test split. How the teacher's inputs are varied (--teacher-inputs) is
+chosen on that validation split: train the candidates with --phase teacher and compare
+their best_val_accuracy, never their test errors.
 
 Each trained net is kept under --work, so an interrupted run continues where it stopped.
 
-    python benchmarks/distill_hinton.py            # full run -> benchmarks/results/distill_hinton.json
-    python benchmarks/distill_hinton.py --phase teacher   # only the teacher (resumable)
+    python benchmarks/distill_hinton.py --phase teacher --teacher-inputs none   # one candidate teacher
+    python benchmarks/distill_hinton.py --teacher-inputs none   # full run -> benchmarks/results/distill_hinton.json
     python benchmarks/distill_hinton.py --quick --out /tmp/q.json   # smoke run of the same code
 """
 

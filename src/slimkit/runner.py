@@ -104,7 +104,7 @@ def apply_stages(model: LoadedModel, configs: list[SlimConfig], workdir: Path, c
             from slimkit.distill.stage import run_distill_stage
 
             folder = checkpoints / f"stage{i}" if checkpoints else None
-            current, record = run_distill_stage(current, cfg, train_texts, folder, device, progress)
+            current, record = run_distill_stage(current, cfg, train_texts, folder, device, progress, original=model)
             record_transform(current.module, cfg, [])
             # Later stages change the student in place; the estimate needs it as trained.
             architecture = current.clone() if i < len(configs) - 1 else current

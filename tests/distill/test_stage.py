@@ -25,8 +25,8 @@ def test_shallow_student_gets_a_hidden_term_per_kept_layer():
 
 
 @pytest.mark.parametrize("kw, message", [
-    ({"student": {"layers": [0], "model": "minilm-l6"}}, "either `layers`"),
-    ({"student": {}}, "either `layers`"),
+    ({"student": {"layers": [0], "model": "minilm-l6"}}, "one of `layers`"),
+    ({"student": {}}, "one of `layers`"),
     ({"student": {"layers": [0], "init": "zeros"}}, "init"),
     ({"validation_texts": 0}, "validation_texts > 0"),
     ({"early_stopping": {"metric": "accuracy"}}, "val_cosine"),
@@ -88,3 +88,32 @@ def test_stage_distils_minilm_and_a_rerun_resumes_from_its_checkpoint(tmp_path):
     assert record2["steps"] == 8 and record2["history"] == record["history"]
     for (name, a), b in zip(student.module.state_dict().items(), again.module.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_current_student_is_exclusive_and_keeps_its_weights():
+    assert DistillStageConfig(student={"current": True}).student.current
+    with pytest.raises(ValueError, match="one of `layers`"):
+        stage(student={"current": True, "layers": [0]})
+    with pytest.raises(ValueError, match="init: random"):
+        stage(student={"current": True, "init": "random"})
+
+
+@pytest.mark.integration
+def test_pruned_model_recovers_towards_the_original(tmp_path):
+    from slimkit.prune import TransformerPruneConfig, prune_
+    from slimkit.zoo.models import load_model
+    from slimkit.zoo.tasks import load_task
+
+    original = load_model("minilm-l6")
+    pruned = original.clone()
+    prune_(pruned.module, TransformerPruneConfig(heads=0.5, ffn=0.5, importance="l1"))
+    texts = load_task("rt-polarity").train_texts[:80]
+    cfg = DistillStageConfig(student={"current": True}, validation_texts=16, epochs=2, batch_size=16, lr=5e-4,
+                             max_len=48)
+    student, record = run_distill_stage(pruned, cfg, texts, tmp_path / "ckpt", progress=False, original=original)
+    assert student is pruned, "the compressed model itself learns; nothing is rebuilt"
+    assert student.module.backbone.encoder.layer[0].attention.self.num_attention_heads == 6
+    assert record["best"]["value"] > record["before"]["val_cosine"] + 0.02, record
+    assert record["parameters"]["student"] < record["parameters"]["teacher"]
+    with pytest.raises(ConfigError, match="original model"):
+        run_distill_stage(pruned, cfg, texts, progress=False)

@@ -37,6 +37,8 @@ class StudentSpec(BaseModel):
             six); the student starts from their weights, as DistilBERT's did.
         model: or another model source (zoo name, saved slimkit folder, Hugging Face
             directory, ``package.module:function``) whose output has the teacher's width.
+        current: or the model the recipe has reached (pruned, say), which then learns back
+            towards the recipe's unmodified model: recovery after compression.
         init: ``teacher`` keeps the weights it starts from; ``random`` re-initialises
             every layer first (a student trained from scratch, for comparison).
     """
@@ -45,12 +47,16 @@ class StudentSpec(BaseModel):
 
     layers: list[int] | None = Field(None, min_length=1)
     model: str | None = None
+    current: bool = False
     init: str = Field("teacher", pattern="^(teacher|random)$")
 
     @model_validator(mode="after")
     def _one_source(self) -> StudentSpec:
-        if (self.layers is None) == (self.model is None):
-            raise ValueError("give the student either `layers` (a shallower copy of the model) or `model` (a model source), not both or neither")
+        if sum((self.layers is not None, self.model is not None, self.current)) != 1:
+            raise ValueError("give the student one of `layers` (a shallower copy of the model), `model` (a model "
+                             "source) or `current: true` (the model so far, recovering towards the original)")
+        if self.current and self.init == "random":
+            raise ValueError("`current: true` keeps the model's weights; it cannot be combined with init: random")
         return self
 
 
@@ -148,16 +154,18 @@ def _batches(tokenizer, texts: list[str], max_len: int, size: int = 64) -> list[
     return out
 
 
-def run_distill_stage(teacher: LoadedModel, config: DistillStageConfig, train_texts: list[str] | None,
+def run_distill_stage(current: LoadedModel, config: DistillStageConfig, train_texts: list[str] | None,
                       checkpoint_dir: Path | None = None, device: str | torch.device = "cpu",
-                      progress: bool = True) -> tuple[LoadedModel, dict[str, Any]]:
-    """Build the student, distil ``teacher`` into it, and return it with a training record.
+                      progress: bool = True, original: LoadedModel | None = None) -> tuple[LoadedModel, dict[str, Any]]:
+    """Build the student, distil the teacher into it, and return it with a training record.
 
     Args:
-        teacher: the model the recipe has reached so far (PyTorch, not exported).
+        current: the model the recipe has reached so far (PyTorch, not exported): the
+            teacher, or with ``student.current`` the student itself.
         config: the stage.
         train_texts: the task's train texts, used when ``config.texts.file`` is not set.
         checkpoint_dir: where resumable checkpoints go; a rerun resumes from them.
+        original: the recipe's unmodified model, the teacher of a ``student.current`` stage.
 
     Returns:
         The student, and ``{"steps", "seconds", "history", "evals", "best", "before",
@@ -166,6 +174,14 @@ def run_distill_stage(teacher: LoadedModel, config: DistillStageConfig, train_te
     Raises:
         DataError: no text, or fewer texts than ``validation_texts`` needs.
     """
+    if config.student.current:
+        if original is None:
+            raise ConfigError("distill: student.current learns from the recipe's original model, which was not given")
+        teacher, student = original, current
+        for p in student.module.parameters():
+            p.requires_grad_(True)
+    else:
+        teacher, student = current, None
     if teacher.tokenizer is None:
         raise ConfigError("distill: the model has no tokenizer; the distill stage distils text encoders")
     texts = read_text_file(config.texts.file) if config.texts.file else list(train_texts or [])
@@ -175,7 +191,8 @@ def run_distill_stage(teacher: LoadedModel, config: DistillStageConfig, train_te
         raise DataError(f"distill: {len(texts)} texts, but validation_texts is {n_val}; give more text or lower validation_texts")
     train, val = (texts[:-n_val], texts[-n_val:]) if n_val else (texts, [])
     device = torch.device(device)
-    student = build_student(teacher, config.student, config.seed)
+    if student is None:
+        student = build_student(teacher, config.student, config.seed)
     teacher.module.to(device)
     student.module.to(device)
 

@@ -312,6 +312,8 @@ def _training(variants: list[dict[str, Any]], baseline: str | None, batch_sizes:
         student = t.get("student") or {}
         source = f"layers {student['layers']}" if student.get("layers") else _text(student.get("model"))
         init = "from scratch" if student.get("init") == "random" else "from the teacher"
+        if student.get("current"):
+            source, init = "the compressed model", "recovering"
         rows.append({
             "name": _text(v.get("name")), "role": f"student: {source}, {init}",
             "params": _fmt(_get(t, "parameters", "student"), "{:,.0f}"),
