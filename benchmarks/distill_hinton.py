@@ -6,13 +6,15 @@ labels and once on the teacher's soft targets at T = 20 (the transfer set is the
 training set, as in the paper). Here: one teacher, five seeds for each small net, every
 net trained by the same loop with the same epoch budget, optimizer and early stopping on
 a validation split carved from the training set; errors counted on the full
-10,000-image test split. How the teacher's inputs are varied (--teacher-inputs) is
-chosen on that validation split: train the candidates with --phase teacher and compare
-their best_val_accuracy, never their test errors.
+10,000-image test split. How the teacher's inputs are varied (--teacher-inputs) and the
+temperature are chosen on that validation split: train the candidates with --phase
+teacher (and --phase pilot for a temperature) and compare their best_val_accuracy,
+never their test errors.
 
 Each trained net is kept under --work, so an interrupted run continues where it stopped.
 
     python benchmarks/distill_hinton.py --phase teacher --teacher-inputs none   # one candidate teacher
+    python benchmarks/distill_hinton.py --phase pilot --teacher-inputs none --temperature 4
     python benchmarks/distill_hinton.py --teacher-inputs none   # full run -> benchmarks/results/distill_hinton.json
     python benchmarks/distill_hinton.py --quick --out /tmp/q.json   # smoke run of the same code
 """
@@ -124,7 +126,9 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="small subset, two epochs, two seeds")
     p.add_argument("--out", type=Path, help="result file (default benchmarks/results/distill_hinton.json)")
     p.add_argument("--work", type=Path, help="where trained nets are kept for resuming (default .bench-work/distill_hinton)")
-    p.add_argument("--phase", choices=["teacher", "all"], default="all", help="stop after training the teacher")
+    p.add_argument("--phase", choices=["teacher", "pilot", "all"], default="all",
+                   help="teacher: stop after the teacher; pilot: also train the seed-0 distilled net and print its "
+                        "validation accuracy, to choose --temperature on the validation split")
     p.add_argument("--teacher-inputs", choices=sorted(TEACHER_INPUTS), default="flip",
                    help="how the teacher's training images are varied (chosen on the validation split)")
     p.add_argument("--temperature", type=float, default=TEMPERATURE, help="of the soft targets (the paper's: 20)")
@@ -160,12 +164,20 @@ def main() -> int:
     if args.phase == "teacher":
         print(json.dumps({k: v for k, v in t_rec.items() if k != "val_curve"}, indent=1))
         return 0
+    def distilled_name(seed: int) -> str:
+        return f"small_distilled_{args.teacher_inputs}_T{args.temperature:g}_s{seed}"
+
+    if args.phase == "pilot":
+        torch.manual_seed(100 + seeds[0])
+        rec = train(distilled_name(seeds[0]), work, small_net(), teacher, train_data, soft, seeds[0], val, test, budget)
+        print(json.dumps({"temperature": args.temperature, "best_val_accuracy": rec["best_val_accuracy"]}))
+        return 0
     hard_recs, kd_recs = [], []
     for seed in seeds:
         torch.manual_seed(100 + seed)
         hard_recs.append(train(f"small_hard_s{seed}", work, small_net(), None, train_data, hard, seed, val, test, budget))
         torch.manual_seed(100 + seed)  # the same initial weights as the hard-label net of this seed
-        kd_recs.append(train(f"small_distilled_{args.teacher_inputs}_T{args.temperature:g}_s{seed}", work, small_net(), teacher, train_data, soft, seed, val, test, budget))
+        kd_recs.append(train(distilled_name(seed), work, small_net(), teacher, train_data, soft, seed, val, test, budget))
 
     d = np.array([h["test_errors"] - k["test_errors"] for h, k in zip(hard_recs, kd_recs, strict=True)], dtype=float)
     mean_d = float(d.mean())
