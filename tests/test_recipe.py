@@ -262,3 +262,10 @@ def test_a_prune_stage_names_its_method():
     (problem,) = problems
     assert problem.startswith("stages[0].prune.method: required for a prune stage; choose one of ")
     assert "channels" in problem and "transformer_structured" in problem
+
+
+def test_cnn_channel_pruning_is_refused_in_a_recipe_with_the_alternative():
+    with pytest.raises(ConfigError) as err:
+        Recipe.from_dict({"name": "c", "model": "minilm-l6", "stages": [{"prune": {"method": "channels", "ratio": 0.5}}]})
+    (problem,) = err.value.problems
+    assert "stages[0].prune: method 'channels'" in problem and "slimkit.prune_" in problem

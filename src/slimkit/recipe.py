@@ -184,6 +184,9 @@ def parse_stages(stages: list, where: str, problems: list[str]) -> list[SlimConf
         except ValidationError as err:
             problems += format_validation_error(err, f"{path}.{kind}")
             continue
+        if (kind, method) in PYTHON_ONLY:
+            problems.append(f"{path}.{kind}: method {method!r} {PYTHON_ONLY[kind, method]}")
+            continue
         onnx_method = method.startswith("ort_")
         if kind != "export" and onnx_method and not exported:
             problems.append(f"{path}.{kind}: method {method!r} works on an ONNX model; put an `export` stage before it")
@@ -192,6 +195,12 @@ def parse_stages(stages: list, where: str, problems: list[str]) -> list[SlimConf
         out.append(cfg)
     return out
 
+
+# Methods a recipe cannot run yet, with what to do instead.
+PYTHON_ONLY = {
+    ("prune", "channels"): "removes CNN channels, but recipes measure text models only for now; "
+                           "call slimkit.prune_(model, ChannelPruneConfig(...)) in Python",
+}
 
 # Without a method, a stage takes the fastest faithful one for where the model is: on an
 # exported model ONNX Runtime's dynamic int8, on a PyTorch model PyTorch's.

@@ -34,3 +34,11 @@ def test_lenet5_saves_and_reloads_bit_exact(tmp_path):
     again = serialize.load(tmp_path / "m")
     x = torch.rand(2, 28, 28)
     torch.testing.assert_close(again.module(x), net(x), rtol=0, atol=0)
+
+
+def test_lenet5_is_traceable_for_channel_pruning():
+    from slimkit.prune import channel_groups
+
+    groups = channel_groups(LeNet5().eval(), torch.rand(2, 28, 28))
+    prunable = sorted(g.size for g in groups if g.prunable)
+    assert prunable == [20, 50, 500]  # conv1, conv2 (its channels reach fc1 in 4x4 blocks), fc1

@@ -35,10 +35,9 @@ class LeNet5(nn.Module):
         self.fc2 = nn.Linear(500, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 3:  # [N, 28, 28] images, as the Fashion-MNIST loader gives them
-            x = x.unsqueeze(1)
-        elif x.dim() == 2:  # flattened [N, 784]
-            x = x.view(-1, 1, 28, 28)
+        # [N, 28, 28] (as the Fashion-MNIST loader gives images), [N, 784] or [N, 1, 28, 28];
+        # one reshape rather than a branch on the shape, so that torch.fx can trace it.
+        x = x.reshape(x.shape[0], 1, 28, 28)
         x = self.pool(self.conv1(x))
         x = self.pool(self.conv2(x))
         x = torch.relu(self.fc1(torch.flatten(x, 1)))
