@@ -1,6 +1,7 @@
 """Tiny seeded models for tests, importable as ``tiny_models:<function>`` model specs.
 
-Every factory returns ``(module, example_inputs)`` as slimkit's callable loader expects.
+Every factory returns ``(module, example_inputs)`` as slimkit's callable loader expects,
+or the module alone (:func:`tiny_cnn`), which the loader accepts too.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 SPEC_MLP = {"kind": "callable", "ref": "tiny_models:mlp"}
@@ -71,3 +73,63 @@ def mlp_seq() -> tuple[nn.Module, tuple[torch.Tensor]]:
     """The same MLP with a ``[2, 5, 64]`` input: exported Linears become MatMul + Add."""
     module, _ = mlp()
     return module, (torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(1)),)
+
+
+# -- a tiny CNN with every kind of channel tie, for channel pruning ---------------------
+
+
+class TinyCNN(nn.Module):
+    """stem -> (expand, depthwise, project) + residual -> cat(a, b) -> bn -> Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.expand = nn.Sequential(nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU6())
+        self.dw = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False), nn.BatchNorm2d(16), nn.ReLU6())
+        self.project = nn.Sequential(nn.Conv2d(16, 8, 1, bias=False), nn.BatchNorm2d(8))
+        self.branch_a = nn.Conv2d(8, 4, 1)
+        self.branch_b = nn.Conv2d(8, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(10)
+        self.head = nn.Linear(10, 5)
+
+    def forward(self, x):
+        s = self.stem(x)
+        y = F.relu(s + self.project(self.dw(self.expand(s))))
+        z = F.relu(self.bn(torch.cat([self.branch_a(y), self.branch_b(y)], dim=1)))
+        return self.head(z.mean((2, 3)))
+
+
+# stem 216 + 16, expand 128 + 32, dw 144 + 32, project 128 + 16, a 36, b 438, bn 20, head 55
+FULL_PARAMS = 1261
+KEYS = ["stem.0", "expand.0", "branch_a", "branch_b"]  # residual stream, hidden, the two branches
+
+
+def tiny_cnn() -> nn.Module:
+    """A seeded TinyCNN with non-trivial batch norms (also the saved spec's factory)."""
+    torch.manual_seed(0)
+    model = TinyCNN()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g))
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.randn(m.num_features, generator=g))
+                m.bias.copy_(torch.randn(m.num_features, generator=g))
+    return model.eval()
+
+
+def images(n=2, size=6, seed=1):
+    """Seeded ``[n, 3, size, size]`` inputs for the tiny CNN."""
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def kept(model: nn.Module) -> dict[str, int]:
+    """The channels the tiny CNN's four prunable groups have, by :data:`KEYS`."""
+    m = model
+    return {"stem.0": m.stem[0].out_channels, "expand.0": m.expand[0].out_channels,
+            "branch_a": m.branch_a.out_channels, "branch_b": m.branch_b.out_channels}

@@ -9,8 +9,10 @@ from pydantic import ValidationError
 from tiny_models import inputs
 from torch import nn
 
+import slimkit.compress.cluster as cluster_module
 from slimkit.compress import ClusterConfig, SharedWeights, cluster_, kmeans_1d, make_permanent_
 from slimkit.compress.cluster import shared_weights
+from slimkit.config import LayerSelector
 from slimkit.distill import DistillConfig, DistillData, LossTerm, distill
 from slimkit.errors import ConfigError, LayerSelectionError
 from slimkit.prune.api import prune_
@@ -56,8 +58,13 @@ def test_layer_bits_override_the_default_and_must_name_a_layer():
     cluster_(model, ClusterConfig(bits=5, layer_bits={"0": 2, "re:.*": 3}))
     assert len(torch.unique(model[0].weight.detach())) == 4  # first match wins
     assert len(torch.unique(model[2].weight.detach())) == 8
+    with pytest.raises(ConfigError) as info:  # every key that names nothing, at once
+        cluster_(mlp(), ClusterConfig(layer_bits={"fc9": 3, "0": 4, "re:conv.*": 5}))
+    assert len(info.value.problems) == 2
+    assert info.value.problems[0].startswith("layer_bits: 'fc9' matches no chosen layer")
+    assert info.value.problems[1].startswith("layer_bits: 're:conv.*' matches no chosen layer")
     with pytest.raises(LayerSelectionError, match="'fc9'"):
-        cluster_(mlp(), ClusterConfig(layer_bits={"fc9": 3}))
+        cluster_(mlp(), ClusterConfig(layers=LayerSelector(targets=["fc9"])))
     with pytest.raises(ValidationError):
         ClusterConfig(layer_bits={"0": 9})
 
@@ -155,6 +162,30 @@ def test_a_clustered_model_saves_and_loads(tmp_path, permanent):
         assert torch.equal(v, back.module.state_dict()[k]), k
     with torch.no_grad():
         assert torch.equal(back.module(inputs(4)), model.module(inputs(4)))
+
+
+def test_loading_registers_the_shared_structure_without_running_kmeans(tmp_path, monkeypatch):
+    model = load_model("tiny_models:mlp")
+    prune_(model.module, MagnitudePruneConfig(sparsity=0.7))
+    cluster_(model.module, ClusterConfig(bits=4, layer_bits={"2": 2}))
+    save(model, tmp_path / "m")
+
+    def no_kmeans(*args, **kwargs):
+        raise AssertionError("loading ran k-means")
+
+    monkeypatch.setattr(cluster_module, "kmeans_1d", no_kmeans)
+    back = load(tmp_path / "m")
+    for name, centroids in (("0", 16), ("2", 4)):
+        shared = shared_weights(back.module.get_submodule(name))
+        assert shared.codebook.shape == (centroids,) and shared.codes.dtype == torch.uint8
+    for k, v in model.module.state_dict().items():
+        assert torch.equal(v, back.module.state_dict()[k]), k
+    with torch.no_grad():
+        assert torch.equal(back.module(inputs(4)), model.module(inputs(4)))
+    assert transforms_of(back.module) == transforms_of(model.module)
+    # The replayed config records like the original: the structure-only flag is not saved.
+    replay = ClusterConfig(bits=4).replay_on(["0"])
+    assert replay.to_dict() == ClusterConfig(bits=4, layers=LayerSelector(targets=["0"])).to_dict()
 
 
 def test_config_round_trips_through_its_dict():

@@ -10,7 +10,7 @@ import base64
 
 import pytest
 import torch
-from test_cnn import FULL_PARAMS, KEYS, images, kept, n_params, tiny_cnn
+from tiny_models import FULL_PARAMS, KEYS, images, kept, n_params, tiny_cnn
 
 import slimkit.prune.cnn  # noqa: F401  (registers ChannelPruneConfig)
 from slimkit.errors import ConfigError

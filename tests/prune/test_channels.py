@@ -394,6 +394,15 @@ def test_an_untraceable_module_is_named_with_the_way_to_exclude_it():
         channel_groups(model, x, exclude=["blok"])
 
 
+def test_a_model_failing_on_the_example_input_names_the_original_error():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 2, 1)).train()
+    model[1].eval()
+    with pytest.raises(ConfigError, match=r"example_input: the model fails on it \(RuntimeError: .*channels") as info:
+        channel_groups(model, seeded_input(1, 5, 4, 4))  # 5 channels where the model takes 3
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert [m.training for m in model.modules()] == [True, True, False, True], "each module's own mode back"
+
+
 def test_an_excluded_convolution_keeps_its_shapes():
     groups = channel_groups(chain(), seeded_input(2, 3, 8, 8), exclude=["re:3"])
     assert [(g.size, g.prunable) for g in groups] == [(3, False), (8, False), (10, False)]

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
+from tiny_models import FULL_PARAMS, TinyCNN, images, kept, n_params, tiny_cnn
 from torch import nn
 
 import slimkit.prune.cnn  # noqa: F401  (registers ChannelPruneConfig)
@@ -41,61 +42,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-class TinyCNN(nn.Module):
-    """stem -> (expand, depthwise, project) + residual -> cat(a, b) -> bn -> Linear."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
-        self.expand = nn.Sequential(nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU6())
-        self.dw = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False), nn.BatchNorm2d(16), nn.ReLU6())
-        self.project = nn.Sequential(nn.Conv2d(16, 8, 1, bias=False), nn.BatchNorm2d(8))
-        self.branch_a = nn.Conv2d(8, 4, 1)
-        self.branch_b = nn.Conv2d(8, 6, 3, padding=1)
-        self.bn = nn.BatchNorm2d(10)
-        self.head = nn.Linear(10, 5)
-
-    def forward(self, x):
-        s = self.stem(x)
-        y = F.relu(s + self.project(self.dw(self.expand(s))))
-        z = F.relu(self.bn(torch.cat([self.branch_a(y), self.branch_b(y)], dim=1)))
-        return self.head(z.mean((2, 3)))
-
-
-# stem 216 + 16, expand 128 + 32, dw 144 + 32, project 128 + 16, a 36, b 438, bn 20, head 55
-FULL_PARAMS = 1261
-KEYS = ["stem.0", "expand.0", "branch_a", "branch_b"]  # residual stream, hidden, the two branches
-
-
-def tiny_cnn() -> nn.Module:
-    """A seeded TinyCNN with non-trivial batch norms (also the saved spec's factory)."""
-    torch.manual_seed(0)
-    model = TinyCNN()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g))
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.randn(m.num_features, generator=g))
-                m.bias.copy_(torch.randn(m.num_features, generator=g))
-    return model.eval()
-
-
-def images(n=2, size=6, seed=1):
-    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-def n_params(model):
-    return sum(p.numel() for p in model.parameters())
-
-
-def kept(model: nn.Module) -> dict[str, int]:
-    m = model
-    return {"stem.0": m.stem[0].out_channels, "expand.0": m.expand[0].out_channels,
-            "branch_a": m.branch_a.out_channels, "branch_b": m.branch_b.out_channels}
 
 
 def masked(model, keep):
@@ -271,7 +217,7 @@ def test_a_pruned_tiny_cnn_saves_and_loads_bit_identically(tmp_path):
     prune_(model, ChannelPruneConfig(ratio={"stem.0": 0.5, "expand.0": 0.75, "branch_b": 0.5}), example_input=x)
     (record,) = transforms_of(model)
     assert record["config"]["kept"]["expand.0:out"] == 4 and "expand.0" in record["layers"]
-    serialize.save(LoadedModel(model, {"kind": "callable", "ref": "test_cnn:tiny_cnn"}, example_inputs=(x,)), tmp_path)
+    serialize.save(LoadedModel(model, {"kind": "callable", "ref": "tiny_models:tiny_cnn"}, example_inputs=(x,)), tmp_path)
     back = serialize.load(tmp_path)
     assert n_params(back.module) == n_params(model) < FULL_PARAMS
     with torch.no_grad():

@@ -305,6 +305,17 @@ def test_gradient_scoring_leaves_the_model_as_it_was():
     assert not model.module.backbone.encoder.layer[0].attention.output.dense._forward_pre_hooks
 
 
+def test_gradient_scoring_gives_each_module_its_own_mode_back():
+    model = tiny_bert()
+    model.module.train()
+    model.module.backbone.embeddings.eval()  # frozen inside a training model
+    before = [m.training for m in model.module.modules()]
+    assert before.count(False) == 6  # the embeddings module and its five children
+    batches = [{k: torch.from_numpy(v) for k, v in b.items()} for b in calibration(2)]
+    gradient_scores(model.module, encoder_layers(model.module), "taylor", batches)
+    assert [m.training for m in model.module.modules()] == before
+
+
 def test_gradient_scores_are_seeded_and_not_zero():
     batches = [{k: torch.from_numpy(v) for k, v in b.items()} for b in calibration(3)]
     model = tiny_bert()
@@ -353,6 +364,7 @@ def test_min_heads_per_layer_is_respected():
     ({"kept": {0: {"heads": []}}}, "at least one head"),
     ({"kept": {0: {"ffn": 0}}}, "at least one FFN neuron"),
     ({"kept": {0: {"heads": [1, 1]}}}, "distinct"),
+    ({"kept": {-1: {"heads": 1}, 0: {"ffn": 3}, -3: {"ffn": 2}}}, "layer indices start at 0; got -3, -1"),
     ({"amount": 0.5}, "Extra inputs"),
 ])
 def test_bad_configs_are_refused(fields, message):

@@ -225,3 +225,56 @@ def test_static_int8_calibrate_ignores_trained_ranges(tmp_path):
     calibration = [{"input_0": inputs(8, seed=s).numpy()} for s in range(3)]
     quantize_(model, OrtStaticInt8Config(activation_ranges="calibrate"), calibration=calibration, source=source)
     assert TRAINED["0"] not in input_qparams(model.path).values()
+
+
+class LoadSpy:
+    """Stands in for the ``onnx`` module in slimkit.quantize.ort, recording each load."""
+
+    def __init__(self):
+        self.external = []
+
+    def __getattr__(self, name):
+        return getattr(onnx, name)
+
+    def load(self, path, *args, **kwargs):
+        self.external.append(kwargs.get("load_external_data", True))
+        return onnx.load(path, *args, **kwargs)
+
+
+def with_external_weights(model):
+    """Move the exported model's weights into an external file in a folder of their own."""
+    folder = model.path.parent / "external"
+    folder.mkdir()
+    path = folder / "model.onnx"
+    onnx.save(onnx.load(str(model.path)), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="model.onnx.data", size_threshold=0)
+    model.path = path
+    return model
+
+
+def test_static_int8_reads_the_graph_without_its_weights_when_calibrating(tmp_path, monkeypatch):
+    import slimkit.quantize.ort as ort_module
+
+    model, source = exported_with_ranges(tmp_path, TRAINED)
+    with_external_weights(model)
+    spy = LoadSpy()
+    monkeypatch.setattr(ort_module, "onnx", spy)
+    calibration = [{"input_0": inputs(8, seed=s).numpy()} for s in range(3)]
+    quantize_(model, OrtStaticInt8Config(activation_ranges="calibrate"), calibration=calibration, source=source)
+    assert spy.external == [False]
+    assert not (tmp_path / "model.ranges.onnx").exists()
+
+
+def test_static_int8_writes_trained_ranges_into_a_model_with_external_weights(tmp_path):
+    model, source = exported_with_ranges(tmp_path, TRAINED)
+    with_external_weights(model)
+    quantize_(model, OrtStaticInt8Config(activation_ranges="trained"), source=source)
+    # The intermediate model keeps its weights external, next to it (not in external/).
+    ranges = onnx.load(str(tmp_path / "model.ranges.onnx"), load_external_data=False)
+    assert {e.value for t in ranges.graph.initializer for e in t.external_data if e.key == "location"} == {
+        "model.ranges.onnx.data"}
+    assert input_qparams(model.path) == {"/0/Gemm": TRAINED["0"], "/2/Gemm": TRAINED["2"]}
+    x = inputs(16)
+    with torch.no_grad():
+        ref = source.module(x).numpy()
+    assert float(cosine_rows(ref, run_onnx(model.path, x)).min()) >= 0.99

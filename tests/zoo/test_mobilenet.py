@@ -102,7 +102,19 @@ def test_a_missing_package_or_an_altered_file_is_reported(monkeypatch, tmp_path)
     (tmp_path / "weights").mkdir()
     (tmp_path / "weights" / mobilenet.WEIGHTS_FILE).write_bytes(b"not the weights")
     monkeypatch.setattr(mobilenet.importlib.resources, "files", lambda package: tmp_path)
-    with pytest.raises(ModelLoadError, match="SHA-256 does not start with b0353104 as its name says"):
+    with pytest.raises(ModelLoadError, match=f"SHA-256 is [0-9a-f]{{64}}, not {mobilenet.WEIGHTS_SHA256}; it is corrupt"):
+        imagenet_state_dict()
+    # A file whose hash shares the 8 hex digits of the name but differs later is refused too.
+
+    class SamePrefix:
+        def __init__(self, data: bytes):
+            pass
+
+        def hexdigest(self) -> str:
+            return "b0353104" + "0" * 56
+
+    monkeypatch.setattr(mobilenet.hashlib, "sha256", SamePrefix)
+    with pytest.raises(ModelLoadError, match=f"SHA-256 is b0353104(0{{56}}), not {mobilenet.WEIGHTS_SHA256}"):
         imagenet_state_dict()
 
 

@@ -22,8 +22,9 @@ def cluster_(model: nn.Module, config: SlimConfig, **context) -> list[str]:
         The qualified names of the clustered layers.
 
     Raises:
-        ConfigError: ``config`` is not a clustering config, or a layer is clustered already.
-        LayerSelectionError: a layer pattern (or a ``layer_bits`` key) matches no layer.
+        ConfigError: ``config`` is not a clustering config, a layer is clustered already,
+            or ``layer_bits`` keys match no chosen layer (every such key is listed).
+        LayerSelectionError: a pattern in ``config.layers`` matches no layer.
     """
     if config.kind != "cluster":
         raise ConfigError(f"cluster_ takes a cluster config, not {type(config).__name__}")

@@ -14,12 +14,12 @@ from typing import Annotated, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 from torch import nn
 from torch.nn.utils import parametrize
 
 from slimkit.config import LayerSelector, SlimConfig
-from slimkit.errors import ConfigError
+from slimkit.errors import ConfigError, LayerSelectionError
 from slimkit.layers import select_modules, select_names
 from slimkit.prune.magnitude import (
     PRUNABLE,
@@ -59,6 +59,17 @@ class ClusterConfig(SlimConfig):
     max_iter: int = Field(50, ge=0)
     seed: int = 0
     layers: LayerSelector = Field(default_factory=LayerSelector)
+    # Set by replay_on only, never by a recipe: the layers get the shapes of the shared
+    # weights and no clustering runs, as the saved codebooks and codes replace them anyway.
+    _structure_only: bool = PrivateAttr(False)
+
+    def replay_on(self, layers: list[str]) -> ClusterConfig:
+        """The recorded layers as structure only: loading registers each layer's codebook
+        and codes (zeros, of the recorded shapes) and runs no k-means."""
+        replay = super().replay_on(layers)
+        assert isinstance(replay, ClusterConfig)
+        replay._structure_only = True
+        return replay
 
 
 class SharedWeights(WeightParametrization):
@@ -133,34 +144,62 @@ def kmeans_1d(values: np.ndarray, k: int, init: str = "linear", max_iter: int = 
 
 def cluster_layer(module: nn.Module, bits: int, init: str = "linear", max_iter: int = 50, seed: int = 0) -> None:
     """Replace ``module.weight`` by ``2**bits`` shared values; zero weights stay zero."""
+    _share(module, bits, cluster=True, init=init, max_iter=max_iter, seed=seed)
+
+
+def share_structure(module: nn.Module, bits: int) -> None:
+    """Give ``module.weight`` the weight sharing of :func:`cluster_layer` with a zero codebook
+    and zero codes, clustering nothing: the shapes for loading saved shared weights into."""
+    _share(module, bits, cluster=False)
+
+
+def _share(module: nn.Module, bits: int, cluster: bool, init: str = "linear", max_iter: int = 50,
+           seed: int = 0) -> None:
     if isinstance(weight_parametrization(module), PruneMask):
         remove_parametrization(module)  # the zero code now keeps pruned weights at zero
     weight = module.weight
     requires_grad = weight.requires_grad
     with torch.no_grad():
         w = weight.detach()
-        nonzero = w != 0
-        x = w[nonzero].double().cpu().numpy()
-        centroids = torch.as_tensor(kmeans_1d(x, 2**bits, init, max_iter, seed), dtype=w.dtype)
-        # Assign with the centroids as stored (in the weight's dtype), to the nearest one.
-        c = centroids.double().numpy()
-        codes = np.zeros(w.numel(), dtype=np.int64)
-        codes[nonzero.reshape(-1).cpu().numpy()] = np.searchsorted((c[1:] + c[:-1]) / 2, x) + 1
-        codes_t = torch.as_tensor(codes).reshape(w.shape).to(w.device)
+        if cluster:
+            nonzero = w != 0
+            x = w[nonzero].double().cpu().numpy()
+            centroids = torch.as_tensor(kmeans_1d(x, 2**bits, init, max_iter, seed), dtype=w.dtype)
+            # Assign with the centroids as stored (in the weight's dtype), to the nearest one.
+            c = centroids.double().numpy()
+            codes = np.zeros(w.numel(), dtype=np.int64)
+            codes[nonzero.reshape(-1).cpu().numpy()] = np.searchsorted((c[1:] + c[:-1]) / 2, x) + 1
+            codes_t = torch.as_tensor(codes).reshape(w.shape).to(w.device)
+        else:
+            centroids = torch.zeros(2**bits, dtype=w.dtype)
+            codes_t = torch.zeros(w.shape, dtype=code_dtype(2**bits), device=w.device)
         shared = SharedWeights(centroids.to(w.device), codes_t, requires_grad)
     parametrize.register_parametrization(module, "weight", shared, unsafe=True)
     module.parametrizations.weight.original.requires_grad_(False)
 
 
 def bits_per_layer(names: list[str], config: ClusterConfig) -> dict[str, int]:
-    """Bits of each layer: its first matching ``layer_bits`` entry, else ``config.bits``."""
+    """Bits of each layer: its first matching ``layer_bits`` entry, else ``config.bits``.
+
+    Raises:
+        ConfigError: ``layer_bits`` keys that match no layer in ``names`` or are bad
+            regexes, all of them listed.
+    """
     out = {n: config.bits for n in names}
     claimed: set[str] = set()
+    problems = []
     for pattern, bits in config.layer_bits.items():
-        for name in select_names(names, LayerSelector(targets=[pattern]), "chosen layer"):
+        try:
+            matched = select_names(names, LayerSelector(targets=[pattern]), "chosen layer")
+        except LayerSelectionError as e:
+            problems.append(f"layer_bits: {str(e).removeprefix('targets: ')}")
+            continue
+        for name in matched:
             if name not in claimed:
                 out[name] = bits
                 claimed.add(name)
+    if problems:
+        raise ConfigError(problems)
     return out
 
 
@@ -173,7 +212,10 @@ def _apply_kmeans(model: nn.Module, config: ClusterConfig, **_) -> list[str]:
         raise ConfigError([f"{n}: its weights are already shared; make_permanent_ first to cluster again"
                            for n in shared])
     for name in names:
-        cluster_layer(model.get_submodule(name), bits[name], config.init, config.max_iter, config.seed)
+        if config._structure_only:
+            share_structure(model.get_submodule(name), bits[name])
+        else:
+            cluster_layer(model.get_submodule(name), bits[name], config.init, config.max_iter, config.seed)
     return names
 
 

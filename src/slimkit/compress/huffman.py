@@ -3,8 +3,8 @@
 A canonical code is fully described by each symbol's code length: codes are handed out
 in order of (length, symbol), so a stored table is just the lengths. Encoding packs all
 codewords with vectorised bit operations. Decoding looks the next ``max_len`` bits up in
-a table at every bit position at once, then follows the chain of codeword starts by
-pointer doubling, so no Python loop runs per symbol.
+a table at every bit position of a chunk of the stream at once, then follows the chain of
+codeword starts by pointer doubling, so no Python loop runs per symbol.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import heapq
 import numpy as np
 
 MAX_LEN = 16  # longest codeword; the decoding table has 2**MAX_LEN entries at most
+CHUNK_BITS = 1 << 20  # bit positions decoded at once; each costs about 20 bytes while decoding
 
 
 class HuffmanError(ValueError):
@@ -122,39 +123,67 @@ def decode(data: bytes, lengths: np.ndarray, count: int) -> np.ndarray:
     if (np.ldexp(1.0, -used)).sum() > 1.0:
         raise HuffmanError("the code lengths do not form a prefix code")
     sym_of = np.full(1 << width, -1, dtype=np.int64)
-    len_of = np.ones(1 << width, dtype=np.int64)  # holes: step one bit, then fail below
+    len_of = np.ones(1 << width, dtype=np.uint8)  # holes: step one bit, then fail below
     codes = canonical_codes(lengths)
     for s in np.flatnonzero(lengths):
         lo = int(codes[s]) << (width - int(lengths[s]))
         hi = (int(codes[s]) + 1) << (width - int(lengths[s]))
         sym_of[lo:hi], len_of[lo:hi] = s, lengths[s]
-    bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8)).astype(np.int64)
-    nbits = len(bits)
-    padded = np.concatenate([bits, np.zeros(width, dtype=np.int64)])
-    window = np.zeros(nbits, dtype=np.int64)
-    for j in range(width):
-        window = (window << 1) | padded[j : j + nbits]
-    # nxt[i]: where the codeword after the one starting at bit i starts; position nbits
-    # (past the end) leads to itself.
-    nxt = np.minimum(np.arange(nbits) + len_of[window], nbits)
-    nxt = np.append(nxt, nbits)
-    # Start of codeword t is nxt applied t times to 0: compose powers of nxt by the
-    # binary digits of t, for all t at once.
-    t = np.arange(count, dtype=np.int64)
-    pos = np.zeros(count, dtype=np.int64)
-    jump, k = nxt, 0
-    while (count - 1) >> k:
-        take = ((t >> k) & 1).astype(bool)
-        pos[take] = jump[pos[take]]
-        jump = jump[jump]
-        k += 1
-    if pos[-1] >= nbits:
+    data = np.frombuffer(data, dtype=np.uint8)
+    nbits = 8 * len(data)
+    if count > nbits:  # every codeword takes at least one bit
         raise HuffmanError(f"the stream ends before its {count} symbols")
-    out = sym_of[window[pos]]
-    ends = pos[-1] + len_of[window[pos[-1]]]
-    if (out < 0).any() or ends > nbits:
+    out = np.empty(count, dtype=np.int64)
+    done, start, hole = 0, 0, False
+    # Chunks of CHUNK_BITS bit positions bound the memory: a few bytes per position of one
+    # chunk, not per position of the stream. Each chunk starts where a codeword starts.
+    while done < count and start < nbits:
+        syms, start = _decode_chunk(data, start, min(CHUNK_BITS, nbits - start), width, count - done,
+                                    sym_of, len_of)
+        out[done : done + len(syms)] = syms
+        done += len(syms)
+        hole = hole or bool((syms < 0).any())
+    if done < count:
+        raise HuffmanError(f"the stream ends before its {count} symbols")
+    if hole or start > nbits:  # start: where the last codeword ends
         raise HuffmanError("the stream holds a bit pattern that is no codeword")
     return out
+
+
+def _decode_chunk(data: np.ndarray, start: int, size: int, width: int, most: int, sym_of: np.ndarray,
+                  len_of: np.ndarray) -> tuple[np.ndarray, int]:
+    """The symbols whose codewords start in bits ``start .. start + size - 1`` (at most
+    ``most``), the first starting at ``start``, and the bit where the one after them starts."""
+    first = start // 8
+    bits = np.unpackbits(data[first : (start + size + width + 7) // 8])[start - 8 * first :]
+    if len(bits) < size + width:  # past the end of the stream the window reads zeros
+        bits = np.concatenate([bits, np.zeros(size + width - len(bits), dtype=np.uint8)])
+    window = np.zeros(size, dtype=np.uint16)
+    for j in range(width):
+        window <<= 1
+        window |= bits[j : j + size]
+    del bits
+    # jump[i]: where the codeword after the one starting at bit i starts; position ``size``
+    # (the end of the chunk) leads to itself.
+    jump = np.arange(size + 1, dtype=np.int32)
+    jump[:size] += len_of[window]
+    np.minimum(jump, size, out=jump)
+    # pos[t], the start of codeword t, is jump applied t times to 0. Pointer doubling: with
+    # pos known for t < m and jump = jump^m, pos for m <= t < 2m is jump[pos[t - m]]. It
+    # stops once a codeword starts past the chunk; the chunk holds at most ``size``.
+    pos = np.zeros(min(most, size), dtype=np.int32)
+    m = 1
+    while m < len(pos) and pos[m - 1] < size:
+        r = min(m, len(pos) - m)
+        pos[m : m + r] = jump[pos[:r]]
+        m += r
+        if m < len(pos) and pos[m - 1] < size:
+            jump = jump[jump]
+    del jump
+    # pos rises until it reaches the end of the chunk, where it stays.
+    pos = pos[: int(np.searchsorted(pos[:m], size))]
+    last = int(pos[-1])
+    return sym_of[window[pos]], start + last + int(len_of[window[last]])
 
 
 def _write_varint(value: int) -> bytes:

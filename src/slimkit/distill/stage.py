@@ -172,6 +172,8 @@ def run_distill_stage(current: LoadedModel, config: DistillStageConfig, train_te
         "stopped_early", ...}`` for the run folder and report.
 
     Raises:
+        ConfigError: ``config.student.current`` is set but ``original`` is not given, or
+            the teacher has no tokenizer (the stage distils text encoders).
         DataError: no text, or fewer texts than ``validation_texts`` needs.
     """
     if config.student.current:

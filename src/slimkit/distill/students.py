@@ -15,6 +15,7 @@ from torch import nn
 
 from slimkit.errors import ConfigError
 from slimkit.prune import channel_groups, channel_importance, shrink_
+from slimkit.prune.cnn import top_channels
 from slimkit.prune.importance import WEIGHT_METHODS
 from slimkit.zoo.models import LoadedModel
 
@@ -89,12 +90,12 @@ def narrow_cnn(
     student = copy.deepcopy(teacher)
     keep = {}
     for group in channel_groups(student, example_input, exclude or ()):
-        # Halves round up, so width 0.5 of 3 channels keeps 2 (Python's round() would
-        # round 2.5 down to 2 but 1.5 up to 2).
+        # Its own count rather than kept_channels(): a student is sized by the width it
+        # keeps, rounded to nearest, where pruning floors the fraction it removes. Halves
+        # round up, so width 0.5 of 3 channels keeps 2 (Python's round() would round 2.5
+        # down to 2 but 1.5 up to 2).
         n = max(1, math.floor(width * group.size + 0.5))
         if group.prunable and n < group.size:
-            scores = channel_importance(student, group, importance)
-            # A stable sort keeps the lower index among equal scores, so the choice is reproducible.
-            keep[group] = torch.sort(scores, descending=True, stable=True).indices[:n]
+            keep[group] = top_channels(channel_importance(student, group, importance), n)
     shrink_(student, keep)
     return student

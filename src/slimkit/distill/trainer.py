@@ -49,6 +49,8 @@ class DistillData:
         return len(next(iter(self.inputs.values()))) if self.inputs else 0
 
     def batch(self, idx: torch.Tensor, device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """The examples ``idx``: their inputs (passed through ``collate`` if set) and their
+        labels (None without labels), on ``device``."""
         inputs = {k: v[idx] for k, v in self.inputs.items()}
         if self.collate:
             inputs = self.collate(inputs)

@@ -28,6 +28,7 @@ from torch import fx, nn
 from slimkit.config import LayerSelector
 from slimkit.errors import ConfigError, SlimkitError
 from slimkit.layers import select_names
+from slimkit.modes import eval_mode
 
 Role = Literal["out", "in", "norm", "depthwise"]
 
@@ -233,18 +234,16 @@ class _ShapeRecorder(fx.Interpreter):
 def _record_shapes(model: nn.Module, gm: fx.GraphModule, inputs: tuple) -> dict[fx.Node, tuple[int, ...]]:
     # Eval mode so that batch norm does not update its running statistics, and dropout
     # does not draw; the traced graph is the same in both modes.
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        recorder = _ShapeRecorder(gm)
-        with torch.no_grad():
-            recorder.run(*inputs)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"example_input: the model fails on it ({first}); give an input the model accepts") from e
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
+    with eval_mode(model):
+        try:
+            recorder = _ShapeRecorder(gm)
+            with torch.no_grad():
+                recorder.run(*inputs)
+        except Exception as e:
+            # Name the original error: it may be a bug in the model rather than a bad input.
+            lines = str(e).strip().splitlines()
+            what = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+            raise ConfigError(f"example_input: the model fails on it ({what}); give an input the model accepts") from e
     return recorder.shapes
 
 

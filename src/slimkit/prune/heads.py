@@ -29,6 +29,7 @@ from torch import nn
 
 from slimkit.config import SlimConfig
 from slimkit.errors import ConfigError
+from slimkit.modes import eval_mode
 from slimkit.prune.api import Pruned
 from slimkit.registry import register
 
@@ -130,6 +131,15 @@ class TransformerPruneConfig(SlimConfig):
                 )
         return v
 
+    @field_validator("kept")
+    @classmethod
+    def _kept_layers(cls, v: dict[int, LayerStructure] | None) -> dict[int, LayerStructure] | None:
+        # Too large an index is checked against the model; a negative one never fits.
+        bad = sorted(i for i in v or {} if i < 0)
+        if bad:
+            raise ValueError(f"layer indices start at 0; got {', '.join(map(str, bad))}")
+        return v
+
     @model_validator(mode="after")
     def _global_needs_one_ratio(self) -> TransformerPruneConfig:
         if self.scope == "global" and (isinstance(self.heads, dict) or isinstance(self.ffn, dict)):
@@ -168,10 +178,13 @@ class EncoderLayer:
 
     @property
     def num_heads(self) -> int:
+        """The attention heads the layer has now: the query projection's outputs over
+        ``head_size`` (it drops as heads are removed)."""
         return self.query.out_features // self.head_size
 
     @property
     def width(self) -> int:
+        """The FFN neurons the layer has now: the outputs of ``intermediate.dense``."""
         return self.up.out_features
 
 
@@ -318,7 +331,6 @@ def gradient_scores(model: nn.Module, layers: list[EncoderLayer], importance: Li
     params = list(model.parameters())
     device = params[0].device if params else torch.device("cpu")
     flags = [p.requires_grad for p in params]
-    was_training = model.training
     head_masks = [torch.ones(x.num_heads, device=device, requires_grad=True) for x in layers]
     neuron_masks = [torch.ones(x.width, device=device, requires_grad=True) for x in layers]
     hooks = []
@@ -333,40 +345,39 @@ def gradient_scores(model: nn.Module, layers: list[EncoderLayer], importance: Li
     heads = [torch.zeros(x.num_heads, dtype=torch.float64) for x in layers]
     neurons = [torch.zeros(x.width, dtype=torch.float64) for x in layers]
     generator = torch.Generator().manual_seed(seed)
-    try:
-        model.eval()
-        for p in params:
-            p.requires_grad_(False)
-        refs: list[torch.Tensor | None] = [None] * len(batches)
-        if loss_fn is None:
-            with torch.no_grad():
-                source = reference if reference is not None else model
-                refs = [sentence_embedding(source(**b), b).float() for b in batches]
-        for p in wrt:
-            if isinstance(p, nn.Parameter):
-                p.requires_grad_(True)
-        for b, ref in zip(batches, refs, strict=True):
-            if loss_fn is not None:
-                value = loss_fn(model, b)
-            else:
-                value = _nudged_cosine(sentence_embedding(model(**b), b).float(), ref, generator)
-            grads = dict(zip(map(id, wrt), torch.autograd.grad(value, wrt, allow_unused=True), strict=True))
-            with torch.no_grad():
-                if importance == "michel":
-                    for i in range(len(layers)):
-                        heads[i] += _abs(grads[id(head_masks[i])], head_masks[i])
-                        neurons[i] += _abs(grads[id(neuron_masks[i])], neuron_masks[i])
+    with eval_mode(model):
+        try:
+            for p in params:
+                p.requires_grad_(False)
+            refs: list[torch.Tensor | None] = [None] * len(batches)
+            if loss_fn is None:
+                with torch.no_grad():
+                    source = reference if reference is not None else model
+                    refs = [sentence_embedding(source(**b), b).float() for b in batches]
+            for p in wrt:
+                if isinstance(p, nn.Parameter):
+                    p.requires_grad_(True)
+            for b, ref in zip(batches, refs, strict=True):
+                if loss_fn is not None:
+                    value = loss_fn(model, b)
                 else:
-                    taylor = _times_gradient(grads)
-                    for i, x in enumerate(layers):
-                        heads[i] += _per_head(x, taylor).abs()
-                        neurons[i] += _per_neuron(x, taylor).abs()
-    finally:
-        for h in hooks:
-            h.remove()
-        for p, f in zip(params, flags, strict=True):
-            p.requires_grad_(f)
-        model.train(was_training)
+                    value = _nudged_cosine(sentence_embedding(model(**b), b).float(), ref, generator)
+                grads = dict(zip(map(id, wrt), torch.autograd.grad(value, wrt, allow_unused=True), strict=True))
+                with torch.no_grad():
+                    if importance == "michel":
+                        for i in range(len(layers)):
+                            heads[i] += _abs(grads[id(head_masks[i])], head_masks[i])
+                            neurons[i] += _abs(grads[id(neuron_masks[i])], neuron_masks[i])
+                    else:
+                        taylor = _times_gradient(grads)
+                        for i, x in enumerate(layers):
+                            heads[i] += _per_head(x, taylor).abs()
+                            neurons[i] += _per_neuron(x, taylor).abs()
+        finally:
+            for h in hooks:
+                h.remove()
+            for p, f in zip(params, flags, strict=True):
+                p.requires_grad_(f)
     return heads, neurons
 
 
@@ -406,7 +417,9 @@ def _remove_count(ratio: float, n: int) -> int:
 
 def _keep_best(scores: torch.Tensor, keep: int) -> list[int]:
     # Stable ascending sort: among equal scores the lower index is removed first, so the
-    # choice is the same on every run.
+    # choice is the same on every run. This is not slimkit.prune.cnn.top_channels, which
+    # keeps the lower index on ties: heads follow the tie rule of the global ranking in
+    # choose(), which removes in (score, layer, index) order.
     order = torch.argsort(scores, stable=True).tolist()
     return sorted(order[len(order) - keep:])
 

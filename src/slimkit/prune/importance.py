@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from slimkit.errors import ConfigError
+from slimkit.modes import eval_mode
 from slimkit.prune.channels import ChannelGroup, Member
 
 WEIGHT_METHODS = ("l1", "l2")
@@ -141,42 +142,39 @@ def taylor_importance(
     if not plist:
         return scores
     device = plist[0].device
-    modes = {m: m.training for m in model.modules()}
     flags = {id(p): p.requires_grad for p in model.parameters()}
     probe = torch.Generator().manual_seed(0)
-    model.eval()
-    try:
-        for p in plist:
-            p.requires_grad_(True)
-        for batch in batches:
-            batch = _to_device(batch, device)
-            with torch.enable_grad():
-                if loss_fn is not None:
-                    loss = loss_fn(model, batch)
-                else:
-                    out = _call(model, batch)
-                    if not isinstance(out, torch.Tensor):
-                        raise ConfigError(
-                            f"importance 'taylor': the model returns {type(out).__name__}, not a tensor; "
-                            "pass loss_fn(model, batch) -> scalar loss"
-                        )
-                    r = torch.randn(out.shape, generator=probe).to(out)
-                    loss = (out * r).sum()
-            grads = torch.autograd.grad(loss, plist, allow_unused=True)
-            by_id = {id(p): g for p, g in zip(plist, grads, strict=True)}
-            for group, parts, total in zip(groups, slices, scores, strict=True):
-                step = torch.zeros(group.size, dtype=torch.float64)
-                for member, attr in parts:
-                    p = getattr(modules[member.module], attr)
-                    g = by_id[id(p)]
-                    if g is not None:
-                        step += _per_channel(p.detach() * g, member, group.size).double().cpu()
-                total += step.abs().float()
-    finally:
-        for p in model.parameters():
-            p.requires_grad_(flags.get(id(p), p.requires_grad))
-        for m, mode in modes.items():
-            m.training = mode
+    with eval_mode(model):
+        try:
+            for p in plist:
+                p.requires_grad_(True)
+            for batch in batches:
+                batch = _to_device(batch, device)
+                with torch.enable_grad():
+                    if loss_fn is not None:
+                        loss = loss_fn(model, batch)
+                    else:
+                        out = _call(model, batch)
+                        if not isinstance(out, torch.Tensor):
+                            raise ConfigError(
+                                f"importance 'taylor': the model returns {type(out).__name__}, not a tensor; "
+                                "pass loss_fn(model, batch) -> scalar loss"
+                            )
+                        r = torch.randn(out.shape, generator=probe).to(out)
+                        loss = (out * r).sum()
+                grads = torch.autograd.grad(loss, plist, allow_unused=True)
+                by_id = {id(p): g for p, g in zip(plist, grads, strict=True)}
+                for group, parts, total in zip(groups, slices, scores, strict=True):
+                    step = torch.zeros(group.size, dtype=torch.float64)
+                    for member, attr in parts:
+                        p = getattr(modules[member.module], attr)
+                        g = by_id[id(p)]
+                        if g is not None:
+                            step += _per_channel(p.detach() * g, member, group.size).double().cpu()
+                    total += step.abs().float()
+        finally:
+            for p in model.parameters():
+                p.requires_grad_(flags.get(id(p), p.requires_grad))
     return scores
 
 

@@ -319,6 +319,14 @@ class GradualPruner:
         self.layers = prune_(model, config).layers
 
     def __call__(self, step: int, model: nn.Module) -> None:
+        """Mask the smallest weights of the pruned layers up to the schedule's sparsity for
+        ``step``, if the schedule updates after that step; otherwise do nothing. Weights
+        masked before stay masked.
+
+        Args:
+            step: optimizer steps done so far, counted from 1 (as ``distill`` passes it).
+            model: the model given when this pruner was created.
+        """
         schedule = self.config.schedule
         if schedule.is_update(step):
             prune_layers(model, self.layers, self.config, schedule.sparsity_at(step))

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from slimkit.errors import ConfigError
+from slimkit.modes import eval_mode
 from slimkit.prune.channels import _CONV, _NORM, ChannelGroup, channel_groups, shrink_
 from slimkit.prune.cnn import group_key, kept_channels, prunable_groups, top_channels
 from slimkit.prune.importance import (
@@ -255,16 +256,12 @@ def _output_shapes(model: nn.Module, inputs: tuple) -> dict[str, list[tuple[int,
         m.register_forward_hook(lambda _m, _i, out, name=name: shapes[name].append(tuple(out.shape)))
         for name, m in model.named_modules() if isinstance(m, (*_CONV, nn.Linear))
     ]
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(*inputs)
     finally:
         for h in hooks:
             h.remove()
-        for m, mode in modes.items():
-            m.training = mode
     return shapes
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -148,7 +149,8 @@ def _static(model: Any, config: OrtStaticInt8Config, calibration: list[dict[str,
 
     model = _check_onnx(model, config)
     ops = ["MatMul", "Gemm", "Conv"]
-    proto = onnx.load(str(model.path))
+    # The graph is enough to choose nodes; the weights are read only to write trained ranges.
+    proto = onnx.load(str(model.path), load_external_data=False)
     keep, layers = _choose_nodes(proto.graph, config.layers, ops)
     trained = {} if config.activation_ranges == "calibrate" else _trained_ranges(source, config)
     if config.activation_ranges == "trained":
@@ -183,7 +185,7 @@ def _static(model: Any, config: OrtStaticInt8Config, calibration: list[dict[str,
     overrides = _use_trained_ranges(proto.graph, {k: v for k, v in trained.items() if k in layers}, ops)
     if overrides:
         src = model.next_path("ranges")
-        onnx.save(proto, str(src))
+        _save_with_weights(proto, model.path, src)
         extra.update({
             "TensorQuantOverrides": overrides,
             # The fake-quantized layers did not round their outputs; neither may the deployed ones.
@@ -251,6 +253,21 @@ def _use_trained_ranges(graph: onnx.GraphProto, ranges: dict[str, dict[str, Any]
         del graph.node[:]
         graph.node.extend(nodes)
     return overrides
+
+
+def _save_with_weights(proto: onnx.ModelProto, source: Path, dest: Path) -> None:
+    """Save ``proto``, loaded from ``source`` without its external data, to ``dest`` with
+    all its weights: in an external file ``<dest>.data`` if ``source`` had one."""
+    from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+
+    external = any(uses_external_data(t) for t in proto.graph.initializer)
+    load_external_data_for_model(proto, str(source.parent))
+    if not external:
+        onnx.save(proto, str(dest))
+        return
+    data = dest.with_name(f"{dest.name}.data")
+    data.unlink(missing_ok=True)  # onnx appends to an existing file
+    onnx.save(proto, str(dest), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name)
 
 
 def _zeros_feed(graph: onnx.GraphProto) -> dict[str, np.ndarray]:

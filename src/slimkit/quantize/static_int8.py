@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from slimkit.config import LayerSelector, SlimConfig
-from slimkit.errors import ConfigError, LayerSelectionError
+from slimkit.errors import ConfigError
 from slimkit.layers import select_names, set_module
 from slimkit.quantize.int8_linear import Int8WeightLinear
 from slimkit.quantize.qparams import symmetric_int8
@@ -128,6 +128,15 @@ class StaticInt8Linear(Int8WeightLinear, _StaticInput):
 
     @classmethod
     def from_float(cls, linear: nn.Linear, input_range: InputRange) -> StaticInt8Linear:
+        """``linear`` with its weights rounded to per-output-channel symmetric int8.
+
+        Args:
+            linear: the float layer; it is not changed.
+            input_range: the uint8 grid its input is rounded to.
+
+        Returns:
+            The new layer, on ``linear``'s device.
+        """
         m = cls.from_linear(linear, per_channel=True)
         m._set_input(input_range)
         return m
@@ -166,6 +175,16 @@ class StaticInt8Conv2d(_StaticInput):
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, input_range: InputRange) -> StaticInt8Conv2d:
+        """``conv`` with its weights rounded to per-output-channel symmetric int8.
+
+        Args:
+            conv: the float layer (any stride, padding, dilation, groups and padding
+                mode); it is not changed.
+            input_range: the uint8 grid its input is rounded to.
+
+        Returns:
+            The new layer, on ``conv``'s device.
+        """
         m = cls(conv)
         q, scale = symmetric_int8(conv.weight.flatten(1), per_channel=True)
         m.weight_int8.copy_(q.reshape(conv.weight.shape))
@@ -219,7 +238,8 @@ def _apply(model: nn.Module, config: StaticInt8Config, **_) -> list[str]:
         try:
             layer = model.get_submodule(name)
         except AttributeError:
-            raise LayerSelectionError(f"input_ranges: the model has no layer {name!r}") from None
+            problems.append(f"input_ranges: the model has no layer {name!r}")
+            continue
         if not isinstance(layer, (nn.Linear, nn.Conv2d)):
             problems.append(f"input_ranges: layer {name!r} is a {type(layer).__name__}, not a Linear or Conv2d")
     if problems:

