@@ -107,8 +107,12 @@ KEYS = ["stem.0", "expand.0", "branch_a", "branch_b"]  # residual stream, hidden
 def tiny_cnn() -> nn.Module:
     """A seeded TinyCNN with non-trivial batch norms (also the saved spec's factory)."""
     torch.manual_seed(0)
-    model = TinyCNN()
-    g = torch.Generator().manual_seed(1)
+    return randomise_bn(TinyCNN(), seed=1)
+
+
+def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial batch-norm statistics and affine parameters, so slicing them is tested."""
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):

@@ -21,14 +21,6 @@ from slimkit.report.sensitivity import sensitivity_plot
 RATIOS = (0.25, 0.5, 0.75)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def positive_cnn():
     """The tiny CNN with every weight, shift and input non-negative, so that every
     activation is positive and removing more channels can only move the output further:

@@ -12,6 +12,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import randomise_bn
 from torch import nn
 
 from slimkit.errors import ConfigError, LayerSelectionError
@@ -19,30 +20,8 @@ from slimkit.prune import ChannelGroup, Member, UntraceableModel, channel_groups
 from slimkit.zoo.mobilenet import InvertedResidual, MobileNetV2
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convolutions run far faster on one thread than on two when the cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial batch-norm statistics and affine parameters, so slicing them is tested."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g))
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.randn(m.num_features, generator=g))
-                m.bias.copy_(torch.randn(m.num_features, generator=g))
-    return model.eval()
 
 
 def masked(model: nn.Module, keep: dict[ChannelGroup, torch.Tensor]) -> nn.Module:

@@ -35,15 +35,6 @@ from slimkit.zoo.mobilenet import MobileNetV2, mobilenet_v2
 from slimkit.zoo.models import LoadedModel
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convolutions run far faster on one thread than on two when the cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def masked(model, keep):
     """A copy whose dropped channels are zeroed where produced: filters, biases and batch-norm
     scale and shift, so that a zeroed channel is zero at the batch norm's output too."""
