@@ -16,6 +16,17 @@ if str(TESTS_DIR) not in sys.path:
     sys.path.insert(0, str(TESTS_DIR))
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny convolutions run far faster on one thread than on two when the cores are shared."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _no_new_files_in_cwd():
     """Fail a test that leaves new files in the working directory: use tmp_path."""

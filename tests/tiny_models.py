@@ -137,3 +137,37 @@ def kept(model: nn.Module) -> dict[str, int]:
     m = model
     return {"stem.0": m.stem[0].out_channels, "expand.0": m.expand[0].out_channels,
             "branch_a": m.branch_a.out_channels, "branch_b": m.branch_b.out_channels}
+
+
+def assert_same_state(model: nn.Module, other: nn.Module) -> None:
+    """The two modules hold the same tensors under the same names, bit for bit."""
+    a, b = model.state_dict(), other.state_dict()
+    assert sorted(a) == sorted(b)
+    for k, v in a.items():
+        assert torch.equal(v, b[k]), k
+
+
+class DataDependent(nn.Module):
+    """A block torch.fx cannot trace: its forward branches on a tensor's value."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        return self.conv(x) if x.sum() > 0 else x
+
+
+class SeededMLP(nn.Module):
+    """10 -> width -> 4 classifier for the distillation tests; counts its forward calls."""
+
+    def __init__(self, width: int, seed: int, dropout: float = 0.0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.body = nn.Sequential(nn.Linear(10, width), nn.ReLU(), nn.Dropout(dropout))
+        self.head = nn.Linear(width, 4)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.head(self.body(x))

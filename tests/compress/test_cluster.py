@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
-from tiny_models import inputs
+from tiny_models import assert_same_state, inputs
 from torch import nn
 
 import slimkit.compress.cluster as cluster_module
@@ -157,9 +157,7 @@ def test_a_clustered_model_saves_and_loads(tmp_path, permanent):
         make_permanent_(model.module)
     save(model, tmp_path / "m")
     back = load(tmp_path / "m")
-    assert sorted(back.module.state_dict()) == sorted(model.module.state_dict())
-    for k, v in model.module.state_dict().items():
-        assert torch.equal(v, back.module.state_dict()[k]), k
+    assert_same_state(back.module, model.module)
     with torch.no_grad():
         assert torch.equal(back.module(inputs(4)), model.module(inputs(4)))
 

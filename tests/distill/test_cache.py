@@ -5,25 +5,12 @@ from pathlib import Path
 import pytest
 import torch
 from pydantic import ValidationError
-from torch import nn
+from tiny_models import SeededMLP
 
 from slimkit.distill import DistillConfig, DistillData, LossTerm, distill
 from slimkit.distill.cache import CACHE_FILE, TeacherCacheWarning, cached_outputs
 from slimkit.distill.trainer import Distiller
 from slimkit.errors import ConfigError
-
-
-class MLP(nn.Module):
-    def __init__(self, width: int, seed: int, dropout: float = 0.0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.body = nn.Sequential(nn.Linear(10, width), nn.ReLU(), nn.Dropout(dropout))
-        self.head = nn.Linear(width, 4)
-        self.calls = 0
-
-    def forward(self, x):
-        self.calls += 1
-        return self.head(self.body(x))
 
 
 def data(n=64, seed=1):
@@ -39,7 +26,7 @@ def disk(folder: Path) -> DistillConfig:
 
 
 def trained(teacher, cfg, d=None, **kw) -> dict[str, torch.Tensor]:
-    student = MLP(8, 1, dropout=0.2)
+    student = SeededMLP(8, 1, dropout=0.2)
     distill(teacher, student, d or data(), cfg, progress=False, **kw)
     return student.state_dict()
 
@@ -53,7 +40,7 @@ def assert_same(a, b, exact=False):
 
 
 def test_a_second_run_reuses_the_cache_without_running_the_teacher(tmp_path):
-    teacher = MLP(32, 0)
+    teacher = SeededMLP(32, 0)
     plain = trained(teacher, config())
     teacher.calls = 0
     first = trained(teacher, disk(tmp_path))
@@ -66,7 +53,7 @@ def test_a_second_run_reuses_the_cache_without_running_the_teacher(tmp_path):
 
 
 def test_a_changed_teacher_invalidates_the_cache(tmp_path):
-    teacher = MLP(32, 0)
+    teacher = SeededMLP(32, 0)
     trained(teacher, disk(tmp_path))
     with torch.no_grad():
         teacher.head.bias.add_(0.5)
@@ -78,7 +65,7 @@ def test_a_changed_teacher_invalidates_the_cache(tmp_path):
 
 
 def test_changed_data_invalidates_the_cache(tmp_path):
-    teacher = MLP(32, 0)
+    teacher = SeededMLP(32, 0)
     trained(teacher, disk(tmp_path))
     with pytest.warns(TeacherCacheWarning, match="the data changed"):
         cached = trained(teacher, disk(tmp_path), data(seed=2))
@@ -87,7 +74,7 @@ def test_changed_data_invalidates_the_cache(tmp_path):
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
 def test_a_damaged_file_is_detected_and_recomputed(tmp_path, damage):
-    teacher = MLP(32, 0)
+    teacher = SeededMLP(32, 0)
     first = trained(teacher, disk(tmp_path))
     path = tmp_path / CACHE_FILE
     raw = bytearray(path.read_bytes())
@@ -109,7 +96,7 @@ def test_a_damaged_file_is_detected_and_recomputed(tmp_path, damage):
 
 
 def test_the_cache_defaults_into_the_checkpoint_folder_and_survives_checkpoints(tmp_path):
-    teacher = MLP(32, 0)
+    teacher = SeededMLP(32, 0)
     cfg = config(cache_teacher="disk", checkpoint_every=1)
     straight = trained(teacher, cfg, checkpoint_dir=tmp_path / "straight")
 
@@ -135,7 +122,7 @@ def test_the_cache_is_memory_mapped(tmp_path):
     maps = Path("/proc/self/maps")
     if not maps.exists():
         pytest.skip("needs Linux's /proc/self/maps")
-    d = Distiller(MLP(32, 0), MLP(8, 1), data(), disk(tmp_path), device="cpu", progress=False)
+    d = Distiller(SeededMLP(32, 0), SeededMLP(8, 1), data(), disk(tmp_path), device="cpu", progress=False)
     ptr = d.teacher_cache.data_ptr()
     mapped = [line.split()[0] for line in maps.read_text().splitlines() if line.endswith(str(tmp_path / CACHE_FILE))]
     assert any(int(lo, 16) <= ptr < int(hi, 16) for lo, hi in (r.split("-") for r in mapped))
@@ -152,7 +139,7 @@ def test_cached_outputs_primitive(tmp_path):
 
 def test_disk_cache_needs_a_folder():
     with pytest.raises(ConfigError, match="cache_teacher='disk' needs a folder: set cache_dir, or give a checkpoint_dir"):
-        Distiller(MLP(32, 0), MLP(8, 1), data(), config(cache_teacher="disk"), progress=False)
+        Distiller(SeededMLP(32, 0), SeededMLP(8, 1), data(), config(cache_teacher="disk"), progress=False)
 
 
 def test_cache_teacher_accepts_the_old_booleans():

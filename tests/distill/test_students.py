@@ -99,15 +99,6 @@ class TinyCNN(torch.nn.Module):
         return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny convolutions run far faster on one thread than on two when the cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_cnn():
     torch.manual_seed(0)
     model = TinyCNN()

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from pydantic import ValidationError
+from tiny_models import SeededMLP
 from torch import nn
 
 from slimkit.distill import (
@@ -14,17 +15,6 @@ from slimkit.distill import (
     distill,
 )
 from slimkit.errors import ConfigError, DataError, LayerSelectionError
-
-
-class MLP(nn.Module):
-    def __init__(self, width: int, seed: int, dropout: float = 0.0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.body = nn.Sequential(nn.Linear(10, width), nn.ReLU(), nn.Dropout(dropout))
-        self.head = nn.Linear(width, 4)
-
-    def forward(self, x):
-        return self.head(self.body(x))
 
 
 def data(n=64, labels=True):
@@ -41,7 +31,7 @@ def params(m):
 
 
 def test_only_the_student_learns():
-    teacher, student = MLP(32, 0), MLP(8, 1)
+    teacher, student = SeededMLP(32, 0), SeededMLP(8, 1)
     before_t, before_s = params(teacher), params(student)
     distill(teacher, student, data(), DistillConfig(losses=KD, max_steps=3, batch_size=16), progress=False)
     for k, v in params(teacher).items():
@@ -51,7 +41,7 @@ def test_only_the_student_learns():
 
 
 def test_a_tiny_student_learns_from_a_tiny_teacher():
-    teacher, student = MLP(32, 0), MLP(16, 1)
+    teacher, student = SeededMLP(32, 0), SeededMLP(16, 1)
     result = distill(teacher, student, data(), DistillConfig(losses=KD, lr=1e-2, epochs=40, batch_size=16), progress=False)
     first, last = result.history[0]["loss"], result.history[-1]["loss"]
     assert last < first / 10, (first, last)  # measured: about 40x lower
@@ -64,8 +54,8 @@ def config_for_resume():
 
 def test_resume_after_interrupt_reproduces_the_uninterrupted_run(tmp_path):
     evaluate = lambda m: {"acc": 0.0}  # noqa: E731
-    teacher = MLP(32, 0)
-    straight = MLP(8, 1, dropout=0.3)
+    teacher = SeededMLP(32, 0)
+    straight = SeededMLP(8, 1, dropout=0.3)
     distill(teacher, straight, data(), config_for_resume(), evaluate=evaluate, progress=False)
 
     class Crash(Exception):
@@ -77,10 +67,10 @@ def test_resume_after_interrupt_reproduces_the_uninterrupted_run(tmp_path):
             raise Crash
         return {"acc": 0.0}
 
-    resumed = MLP(8, 1, dropout=0.3)
+    resumed = SeededMLP(8, 1, dropout=0.3)
     with pytest.raises(Crash):
         distill(teacher, resumed, data(), config_for_resume(), evaluate=crash_at_12, checkpoint_dir=tmp_path / "ck", progress=False)
-    again = MLP(8, 99, dropout=0.3)  # different initial weights: everything must come from the checkpoint
+    again = SeededMLP(8, 99, dropout=0.3)  # different initial weights: everything must come from the checkpoint
     result = distill(teacher, again, data(), config_for_resume(), evaluate=evaluate, checkpoint_dir=tmp_path / "ck", progress=False)
     assert result.steps == 20
     for k, v in params(straight).items():
@@ -88,14 +78,14 @@ def test_resume_after_interrupt_reproduces_the_uninterrupted_run(tmp_path):
 
 
 def test_a_checkpoint_from_another_config_is_refused(tmp_path):
-    teacher = MLP(32, 0)
-    distill(teacher, MLP(8, 1), data(), DistillConfig(losses=KD, max_steps=2, batch_size=16), checkpoint_dir=tmp_path, progress=False)
+    teacher = SeededMLP(32, 0)
+    distill(teacher, SeededMLP(8, 1), data(), DistillConfig(losses=KD, max_steps=2, batch_size=16), checkpoint_dir=tmp_path, progress=False)
     with pytest.raises(ConfigError, match="different distillation config"):
-        distill(teacher, MLP(8, 1), data(), DistillConfig(losses=KD, max_steps=3, batch_size=16), checkpoint_dir=tmp_path, progress=False)
+        distill(teacher, SeededMLP(8, 1), data(), DistillConfig(losses=KD, max_steps=3, batch_size=16), checkpoint_dir=tmp_path, progress=False)
 
 
 def test_hidden_loss_with_projection_between_widths():
-    teacher, student = MLP(32, 0), MLP(8, 1)
+    teacher, student = SeededMLP(32, 0), SeededMLP(8, 1)
     term = LossTerm(kind="hidden_mse", layers={"body.1": "body.1"}, projection=True)
     result = distill(teacher, student, data(), DistillConfig(losses=[term], lr=1e-2, epochs=10, batch_size=16), progress=False)
     assert result.history[-1]["loss"] < result.history[0]["loss"] / 2
@@ -104,13 +94,13 @@ def test_hidden_loss_with_projection_between_widths():
 def test_mismatched_widths_without_projection_are_explained():
     term = LossTerm(kind="hidden_cosine", layers={"body.1": "body.1"})
     with pytest.raises(ConfigError, match=r"shape \(2, 8\) but teacher layer 'body.1' gives \(2, 32\); set projection: true"):
-        distill(MLP(32, 0), MLP(8, 1), data(), DistillConfig(losses=[term], max_steps=1), progress=False)
+        distill(SeededMLP(32, 0), SeededMLP(8, 1), data(), DistillConfig(losses=[term], max_steps=1), progress=False)
 
 
 def test_layer_map_with_unknown_layer():
     term = LossTerm(kind="hidden_mse", layers={"body.7": "body.1"})
     with pytest.raises(LayerSelectionError, match="student has no layer 'body.7'"):
-        distill(MLP(32, 0), MLP(32, 1), data(), DistillConfig(losses=[term], max_steps=1), progress=False)
+        distill(SeededMLP(32, 0), SeededMLP(32, 1), data(), DistillConfig(losses=[term], max_steps=1), progress=False)
 
 
 @pytest.mark.parametrize("t", [0.0, -1.0])
@@ -121,9 +111,9 @@ def test_temperature_must_be_positive(t):
 
 def test_empty_data_and_missing_labels():
     with pytest.raises(DataError, match="empty"):
-        distill(MLP(32, 0), MLP(8, 1), DistillData({"x": torch.zeros(0, 10)}), DistillConfig(losses=KD), progress=False)
+        distill(SeededMLP(32, 0), SeededMLP(8, 1), DistillData({"x": torch.zeros(0, 10)}), DistillConfig(losses=KD), progress=False)
     with pytest.raises(DataError, match="needs labels"):
-        distill(MLP(32, 0), MLP(8, 1), data(labels=False), DistillConfig(losses=[LossTerm(kind="hard_ce")]), progress=False)
+        distill(SeededMLP(32, 0), SeededMLP(8, 1), data(labels=False), DistillConfig(losses=[LossTerm(kind="hard_ce")]), progress=False)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -134,7 +124,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     cfg = DistillConfig(losses=[LossTerm(kind="output_mse")], optimizer="sgd", lr=1e4, momentum=0.0,
                         epochs=50, batch_size=16, checkpoint_every=1)
     with pytest.raises(NonFiniteLoss) as err:
-        distill(MLP(32, 0), MLP(8, 1), data(), cfg, checkpoint_dir=tmp_path, progress=False)
+        distill(SeededMLP(32, 0), SeededMLP(8, 1), data(), cfg, checkpoint_dir=tmp_path, progress=False)
     bad_step = int(re.search(r"at step (\d+)", str(err.value)).group(1))
     assert bad_step > 1 and str(tmp_path) in str(err.value)
     saved = json.loads((tmp_path / "state.json").read_text())["loop"]
@@ -150,9 +140,9 @@ def test_early_stopping_restores_the_best_weights():
         snapshots.append(params(m))
         return {"acc": next(scores)}
 
-    student = MLP(8, 1)
+    student = SeededMLP(8, 1)
     cfg = DistillConfig(losses=KD, epochs=7, batch_size=64, early_stopping=EarlyStopping(metric="acc", patience=2))
-    result = distill(MLP(32, 0), student, data(), cfg, evaluate=evaluate, progress=False)
+    result = distill(SeededMLP(32, 0), student, data(), cfg, evaluate=evaluate, progress=False)
     assert result.stopped_early and result.steps == 4
     assert result.best == {"step": 2, "value": 0.9}
     for k, v in snapshots[1].items():
@@ -162,12 +152,12 @@ def test_early_stopping_restores_the_best_weights():
 def test_early_stopping_needs_an_evaluation():
     cfg = DistillConfig(losses=KD, early_stopping=EarlyStopping(metric="acc"))
     with pytest.raises(ConfigError, match="evaluation function"):
-        distill(MLP(32, 0), MLP(8, 1), data(), cfg, progress=False)
+        distill(SeededMLP(32, 0), SeededMLP(8, 1), data(), cfg, progress=False)
 
 
 def test_cached_teacher_outputs_give_the_same_run():
-    teacher = MLP(32, 0)
-    a, b = MLP(8, 1, dropout=0.2), MLP(8, 1, dropout=0.2)
+    teacher = SeededMLP(32, 0)
+    a, b = SeededMLP(8, 1, dropout=0.2), SeededMLP(8, 1, dropout=0.2)
     cfg = DistillConfig(losses=KD, epochs=3, batch_size=16, seed=5)
     distill(teacher, a, data(), cfg, progress=False)
     distill(teacher, b, data(), cfg.model_copy(update={"cache_teacher": True}), progress=False)

@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import randomise_bn
+from tiny_models import DataDependent, randomise_bn
 from torch import nn
 
 from slimkit.errors import ConfigError, LayerSelectionError
@@ -339,15 +339,6 @@ def test_groups_from_an_older_analysis_are_refused():
 
 
 # -- tracing failures and excluded modules -------------------------------------------------
-
-class DataDependent(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(4, 4, 1)
-
-    def forward(self, x):
-        return self.conv(x) if x.sum() > 0 else x
-
 
 class HasUntraceable(nn.Module):
     def __init__(self):

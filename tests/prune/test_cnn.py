@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
-from tiny_models import FULL_PARAMS, TinyCNN, images, kept, n_params, tiny_cnn
+from tiny_models import FULL_PARAMS, DataDependent, TinyCNN, images, kept, n_params, tiny_cnn
 from torch import nn
 
 import slimkit.prune.cnn  # noqa: F401  (registers ChannelPruneConfig)
@@ -137,15 +137,6 @@ def test_exclude_leaves_modules_and_their_channels_whole():
     prune_channels(model, ChannelPruneConfig(ratio=0.5, exclude=["branch_b"]), example_input=x)
     # branch_b reads the residual stream and writes the second half of the concatenation
     assert kept(model) == {"stem.0": 8, "expand.0": 8, "branch_a": 2, "branch_b": 6}
-
-
-class DataDependent(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(4, 4, 1)
-
-    def forward(self, x):
-        return self.conv(x) if x.sum() > 0 else x
 
 
 class HasUntraceable(nn.Module):

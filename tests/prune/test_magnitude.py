@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from pydantic import ValidationError
-from tiny_models import inputs
+from tiny_models import assert_same_state, inputs
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -262,9 +262,7 @@ def test_a_pruned_model_saves_and_loads_with_or_without_its_masks(tmp_path, perm
         make_permanent_(model.module)
     save(model, tmp_path / "m")
     back = load(tmp_path / "m")
-    assert sorted(back.module.state_dict()) == sorted(model.module.state_dict())
-    for k, v in model.module.state_dict().items():
-        assert torch.equal(v, back.module.state_dict()[k]), k
+    assert_same_state(back.module, model.module)
     x = inputs(4)
     with torch.no_grad():
         assert torch.equal(back.module(x), model.module(x))

@@ -19,14 +19,7 @@ from slimkit.zoo.mobilenet import (
 )
 from slimkit.zoo.models import LoadedModel, load_model
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Convolutions run far faster on one thread than on two when the cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def n_params(model: torch.nn.Module) -> int:
