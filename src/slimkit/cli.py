@@ -1,11 +1,16 @@
-"""The ``slimkit`` command: ``run`` and ``validate`` a recipe."""
+"""The ``slimkit`` command: ``run`` and ``validate`` a recipe, ``profile`` its model's memory."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from slimkit.errors import SlimkitError
+
+if TYPE_CHECKING:
+    from slimkit.recipe import Recipe
+    from slimkit.zoo.models import LoadedModel
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,6 +24,16 @@ def main(argv: list[str] | None = None) -> int:
     p_val = sub.add_parser("validate", help="check a recipe without running it")
     p_val.add_argument("recipe")
     p_val.add_argument("overrides", nargs="*")
+    p_prof = sub.add_parser("profile", help="profile the live-tensor memory of the recipe's model "
+                            "(one forward pass at batch 1, or a training step with --train)")
+    p_prof.add_argument("recipe")
+    p_prof.add_argument("overrides", nargs="*", help="key.path=value, e.g. measure.seq_len=64")
+    p_prof.add_argument("--train", action="store_true",
+                        help="profile a training step (forward, loss, backward, AdamW step)")
+    p_prof.add_argument("--json", metavar="OUT", help="also write the whole profile, timeline included, as JSON")
+    p_prof.add_argument("--top", type=int, default=10, help="largest live tensors to list (default 10)")
+    p_prof.add_argument("--snapshot", metavar="PATH",
+                        help="on CUDA, write the allocator's snapshot for PyTorch's memory viewer")
     args = parser.parse_args(argv)
 
     from slimkit.recipe import Recipe
@@ -27,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         recipe = Recipe.from_file(args.recipe, args.overrides)
         if args.command == "validate":
             print(f"{args.recipe}: valid ({len(recipe.stages)} stage(s), {len(recipe.compare)} compared variant(s))")
+            return 0
+        if args.command == "profile":
+            _profile(recipe, args)
             return 0
         from slimkit.runner import run
 
@@ -37,6 +55,59 @@ def main(argv: list[str] | None = None) -> int:
     print(f"run folder: {out}")
     print(f"report:     {out / 'report.html'}")
     return 0
+
+
+def _profile(recipe: Recipe, args: argparse.Namespace) -> None:
+    """Profile the recipe's source model on the harness's inputs at batch 1."""
+    import torch
+
+    from slimkit.atomic import write_json
+    from slimkit.errors import ConfigError
+    from slimkit.memory.profile_table import print_profile
+    from slimkit.memory.profiler import profile
+    from slimkit.zoo.models import load_model
+
+    if args.top < 0:
+        raise ConfigError(f"--top {args.top}: give a count of tensors to list, 0 or more")
+    spec, m = recipe.spec, recipe.spec.measure
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if m.device == "auto" else m.device
+    torch.set_num_threads(m.threads)
+    model = load_model(spec.model)
+    inputs = _harness_inputs(recipe, model)
+    result = profile(model.module.to(device), inputs, train=args.train, top_k=args.top,
+                     snapshot=args.snapshot)
+    print_profile(result, title=spec.name)
+    if args.json:
+        named = inputs.items() if isinstance(inputs, dict) else (
+            (f"input[{i}]", t) for i, t in enumerate(inputs))
+        shapes = {k: list(v.shape) for k, v in named if isinstance(v, torch.Tensor)}
+        write_json(args.json, {"recipe": spec.name, "model": spec.model, "inputs": shapes, **result.to_dict()})
+        print(f"profile:    {args.json}")
+
+
+def _harness_inputs(recipe: Recipe, model: LoadedModel) -> dict | tuple:
+    """The inputs ``slimkit run`` times, at batch 1: real text of ``measure.seq_len`` tokens
+    for a text model, else the model's example inputs cut to one row."""
+    import torch
+
+    from slimkit.errors import ConfigError
+
+    spec = recipe.spec
+    if model.tokenizer is not None:
+        from slimkit.measure.inputs import fixed_length_batch
+        from slimkit.zoo.tasks import load_task
+
+        data = load_task(spec.task.source, spec.task.text_column, spec.task.label_column)
+        texts = data.test_texts[: spec.task.test_limit]
+        feed = fixed_length_batch(model.tokenizer, texts, 1, spec.measure.seq_len, model.max_seq_len)
+        return {k: torch.from_numpy(v) for k, v in feed.items()}
+    if not model.example_inputs:
+        raise ConfigError(
+            f"model: {spec.model!r} has no tokenizer and no example inputs to profile with; "
+            "return (module, example_inputs) from the model's factory"
+        )
+    # A copy, not a view: a view would keep (and count) the whole example batch.
+    return tuple(t[:1].clone() if isinstance(t, torch.Tensor) and t.dim() > 0 else t for t in model.example_inputs)
 
 
 if __name__ == "__main__":
