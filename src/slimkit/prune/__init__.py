@@ -1,5 +1,5 @@
 """Pruning: ``prune_(model, config)``; channel-group analysis and physical removal of CNN
-channels; removal of transformer attention heads and FFN neurons; channel sensitivity."""
+channels; removal of transformer attention heads and FFN neurons; channel and head/FFN sensitivity."""
 
 from slimkit.prune.api import Pruned, prune_
 from slimkit.prune.channels import ChannelGroup, Member, UntraceableModel, channel_groups, shrink_
@@ -14,6 +14,11 @@ from slimkit.prune.magnitude import (
     make_permanent_,
 )
 from slimkit.prune.sensitivity import channel_costs, channel_sensitivity, cost_of, ratios_for_budget
+from slimkit.prune.transformer_sensitivity import (
+    config_for_budget,
+    transformer_costs,
+    transformer_sensitivity,
+)
 
 __all__ = [
     "prune_",
@@ -25,6 +30,9 @@ __all__ = [
     "channel_costs",
     "cost_of",
     "ratios_for_budget",
+    "transformer_sensitivity",
+    "transformer_costs",
+    "config_for_budget",
     "taylor_importance",
     "MagnitudePruneConfig",
     "MakePermanentConfig",
