@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from slimkit.errors import DataError
@@ -17,10 +18,12 @@ from slimkit.zoo.images import (
     FASHION_MNIST_DIR,
     FASHION_MNIST_FILES,
     ImageClassificationData,
+    imagenet_batch,
     load_fashion_mnist,
     load_image_task,
     read_idx,
 )
+from slimkit.zoo.mobilenet import IMAGENET_MEAN, IMAGENET_STD
 
 TYPE_BYTES = {
     np.dtype(np.uint8): 0x08,
@@ -334,7 +337,7 @@ def test_image_folder_missing_and_empty(tmp_path):
     root = image_folder(tmp_path / "imgs")
     for p in (root / "test").rglob("*.png"):
         p.unlink()
-    with pytest.raises(DataError, match="no .png images") as info:
+    with pytest.raises(DataError, match="no .png/.jpg/.jpeg images") as info:
         load_image_task(str(root))
     assert str(root / "test") in str(info.value)
     for d in sorted((root / "test").iterdir()):
@@ -355,6 +358,68 @@ def test_image_folder_unknown_test_class_and_unreadable_image(tmp_path):
     with pytest.raises(DataError, match="cannot read") as info:
         load_image_task(str(root))
     assert "broken.png" in str(info.value)
+
+
+def test_image_folder_in_colour_resized_with_jpegs(tmp_path):
+    root = image_folder(tmp_path / "imgs")
+    # A photograph of another size, as JPEG, and a pure red PNG.
+    Image.new("RGB", (64, 48), (40, 80, 120)).save(root / "train" / "apples" / "photo.jpg", quality=100)
+    Image.new("RGB", (28, 28), (255, 0, 0)).save(root / "test" / "boots" / "red.png")
+    with pytest.raises(DataError, match="64x48.*size=\\(height, width\\)"):
+        load_image_task(str(root))
+    d = load_image_task(str(root), color="rgb", size=(16, 20))
+    assert d.train_x.shape == (6, 16, 20, 3) and d.test_x.shape == (3, 16, 20, 3)
+    np.testing.assert_array_equal(d.train_y, [0, 0, 0, 1, 1, 1])
+    np.testing.assert_allclose(d.train_x[2].mean((0, 1)) * 255, [40, 80, 120], atol=2)  # JPEG rounding
+    np.testing.assert_allclose(d.train_x[0, 3, 3], [200 / 255] * 3, atol=1e-6)  # grey read as RGB
+    np.testing.assert_allclose(d.test_x[1, 8, 8], [1.0, 0.0, 0.0])  # boots/red.png sorts before t1.png
+    assert load_image_task(str(root), size=12).train_x.shape == (6, 12, 12)
+
+
+def test_image_task_rejects_bad_colour_and_size(tmp_path):
+    root = image_folder(tmp_path / "imgs")
+    with pytest.raises(DataError, match="'grey' or 'rgb'"):
+        load_image_task(str(root), color="bgr")
+    for bad in (0, (3, 4, 5), (2.5, 3), True):
+        with pytest.raises(DataError, match="positive integers"):
+            load_image_task(str(root), size=bad)
+    with pytest.raises(DataError, match="imagenet_batch"):
+        load_image_task("fashion-mnist", color="rgb")
+
+
+def test_imagenet_batch_replicates_grey_resizes_and_normalises():
+    grey = np.full((2, 28, 28), 0.5, dtype=np.float32)
+    grey[1] = 1.0
+    x = imagenet_batch(grey, 128)
+    assert x.shape == (2, 3, 128, 128) and x.dtype == torch.float32
+    for c in range(3):  # a constant image stays constant through bilinear resizing
+        expected = [(v - IMAGENET_MEAN[c]) / IMAGENET_STD[c] for v in (0.5, 1.0)]
+        np.testing.assert_allclose(x[:, c].amax((1, 2)), expected, rtol=1e-6)
+        np.testing.assert_allclose(x[:, c].amin((1, 2)), expected, rtol=1e-6)
+
+
+def test_imagenet_batch_keeps_rgb_order_takes_uint8_and_tensors():
+    red = np.zeros((1, 4, 6, 3), dtype=np.uint8)
+    red[..., 0] = 255
+    x = imagenet_batch(red, None)
+    assert x.shape == (1, 3, 4, 6)
+    expected = [(1 - IMAGENET_MEAN[0]) / IMAGENET_STD[0], -IMAGENET_MEAN[1] / IMAGENET_STD[1], -IMAGENET_MEAN[2] / IMAGENET_STD[2]]
+    np.testing.assert_allclose(x[0, :, 0, 0], expected, rtol=1e-6)
+    # [N, H, W, 1] is greyscale; a left-to-right ramp keeps its direction after resizing.
+    ramp = torch.linspace(0, 1, 8).repeat(1, 8, 1).unsqueeze(-1)
+    y = imagenet_batch(ramp, (4, 16))
+    assert y.shape == (1, 3, 4, 16) and bool((y[0, 0, 0].diff() >= 0).all())
+    # Shrinking is antialiased: a one-pixel checkerboard averages to grey (plain bilinear
+    # sampling at a third of the size would pick single black and white pixels).
+    board = ((torch.arange(9).view(1, 9) + torch.arange(9).view(9, 1)) % 2).float()
+    z = imagenet_batch(board.unsqueeze(0), 3)[0, 0] * IMAGENET_STD[0] + IMAGENET_MEAN[0]
+    np.testing.assert_allclose(z, torch.full((3, 3), 0.5), atol=0.01)
+
+
+@pytest.mark.parametrize("shape", [(4, 4), (1, 3, 4, 4), (1, 4, 4, 2)])
+def test_imagenet_batch_rejects_other_layouts(shape):
+    with pytest.raises(DataError, match=r"\[N, H, W, 3\] RGB"):
+        imagenet_batch(np.zeros(shape, dtype=np.float32))
 
 
 # ---------------------------------------------------------------- the real data

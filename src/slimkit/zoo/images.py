@@ -2,7 +2,12 @@
 
 Fashion-MNIST ships as four IDX files that :func:`read_idx` parses directly (the format
 is a tiny header plus raw big-endian numbers), so nothing is ever unpickled and nothing
-is cached on disk. Images are greyscale, float32 in ``[0, 1]``, shaped ``[N, H, W]``.
+is cached on disk. Images are float32 in ``[0, 1]``, shaped ``[N, H, W]`` (greyscale) or
+``[N, H, W, 3]`` (RGB, from a folder read with ``color="rgb"``); each task carries its
+label map, the class name of every label index.
+
+:func:`imagenet_batch` turns a batch of them into what an ImageNet-pretrained backbone
+such as MobileNetV2 takes: three channels, resized, normalised.
 """
 
 from __future__ import annotations
@@ -11,13 +16,18 @@ import dataclasses
 import gzip
 import os
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from slimkit.errors import DataError
+from slimkit.zoo.mobilenet import IMAGENET_MEAN, IMAGENET_STD
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_ENV = "SLIMKIT_FASHION_MNIST"
@@ -47,19 +57,23 @@ _IDX_DTYPES = {
     0x0E: np.dtype(">f8"),
 }
 _GZIP_MAGIC = b"\x1f\x8b"
+# Files an image folder may hold; anything else in a class folder is ignored.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+_SUFFIX_TEXT = "/".join(IMAGE_SUFFIXES)
 
 
 @dataclass
 class ImageClassificationData:
-    """Greyscale images with integer labels, split into train and test.
+    """Images with integer labels, split into train and test.
 
     Attributes:
         name: Where the data came from (``"fashion-mnist"`` or the folder given).
-        train_x: float32 images in ``[0, 1]``, shape ``[N, H, W]``.
+        train_x: float32 images in ``[0, 1]``, shape ``[N, H, W]`` (greyscale) or
+            ``[N, H, W, 3]`` (RGB).
         train_y: int64 labels, shape ``[N]``, indices into ``label_names``.
-        test_x: float32 images in ``[0, 1]``, shape ``[M, H, W]``.
+        test_x: float32 images in ``[0, 1]``, shaped like ``train_x``.
         test_y: int64 labels, shape ``[M]``.
-        label_names: The name of each class, by label index.
+        label_names: The label map: the name of each class, by label index.
     """
 
     name: str
@@ -229,30 +243,110 @@ def _read_fashion_split(images_path: Path, labels_path: Path, n: int) -> tuple[n
     return images.astype(np.float32) / np.float32(255.0), labels.astype(np.int64)
 
 
-def load_image_task(source: str) -> ImageClassificationData:
-    """Load ``fashion-mnist`` or a folder of PNG images, one subfolder per class.
+def load_image_task(
+    source: str,
+    *,
+    color: Literal["grey", "rgb"] = "grey",
+    size: int | Sequence[int] | None = None,
+) -> ImageClassificationData:
+    """Load ``fashion-mnist`` or a folder of images, one subfolder per class.
 
-    A folder is laid out as ``root/train/<class>/*.png`` and ``root/test/<class>/*.png``.
-    Class names are the sorted subfolder names of ``train``; images are read as greyscale
-    and must all have the same size.
+    A folder is laid out as ``root/train/<class>/*.png`` and ``root/test/<class>/*.png``
+    (``.jpg`` and ``.jpeg`` files are read too). Class names are the sorted subfolder
+    names of ``train``, and a label is the index of its class name. This is the path for
+    your own photographs, such as frames from a car's camera: read them with
+    ``color="rgb"`` and ``size=...``, then feed batches through :func:`imagenet_batch`.
 
     Args:
         source: ``"fashion-mnist"`` or the path of such a folder.
+        color: for a folder, read images as ``"grey"`` (``[N, H, W]``) or ``"rgb"``
+            (``[N, H, W, 3]``). Fashion-MNIST is greyscale; :func:`imagenet_batch`
+            replicates it to three channels per batch.
+        size: for a folder, resize every image on reading to this side (square) or
+            ``(height, width)``, bilinearly, so images of different sizes can be loaded.
+            Without it all images must have the size of the first train image.
 
     Returns:
         The images as float32 in ``[0, 1]`` with int64 labels, in class order.
 
     Raises:
         DataError: If the folder or a split is missing or empty, there are fewer than two
-            classes, ``test`` has a class that ``train`` lacks, or an image is unreadable or
-            of a different size.
+            classes, ``test`` has a class that ``train`` lacks, an image is unreadable or
+            (without ``size``) of a different size, or ``color``/``size`` are invalid or
+            given for Fashion-MNIST.
     """
+    if color not in ("grey", "rgb"):
+        raise DataError(f"color={color!r}: read images as 'grey' or 'rgb'")
+    shape = _size(size)
     if source == "fashion-mnist":
+        if color != "grey" or shape is not None:
+            raise DataError(
+                "fashion-mnist is 28x28 greyscale and loads as such (color and size apply to image "
+                "folders); convert batches with slimkit.zoo.images.imagenet_batch(x, size) instead, "
+                "which does not hold the whole upscaled set in memory"
+            )
         return load_fashion_mnist()
-    return _load_image_folder(source, Path(source))
+    return _load_image_folder(source, Path(source), "RGB" if color == "rgb" else "L", shape)
 
 
-def _load_image_folder(name: str, root: Path) -> ImageClassificationData:
+def _size(size: int | Sequence[int] | None) -> tuple[int, int] | None:
+    """``size`` as ``(height, width)``, or None."""
+    if size is None:
+        return None
+    sides = [size] if isinstance(size, (int, np.integer)) else list(size)
+    if len(sides) not in (1, 2) or not all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1 for v in sides
+    ):
+        raise DataError(f"size={size!r}: give one side or (height, width), positive integers")
+    return (int(sides[0]), int(sides[-1]))
+
+
+def imagenet_batch(
+    images: np.ndarray | torch.Tensor,
+    size: int | Sequence[int] | None = 224,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> torch.Tensor:
+    """A batch of images as ImageNet-pretrained backbones (MobileNetV2) take them.
+
+    Greyscale images are replicated to three channels (the pretrained filters expect
+    RGB), every image is resized bilinearly to ``size`` (antialiased when shrinking), then
+    each channel is normalised with the mean and standard deviation the ImageNet weights
+    were trained with. Apply it per batch: all of Fashion-MNIST upscaled to 128x128 at
+    once would take 11 GB.
+
+    Args:
+        images: a batch as the loaders give it: ``[N, H, W]`` greyscale or
+            ``[N, H, W, 3]`` RGB, float in ``[0, 1]`` or uint8 in ``[0, 255]``; a numpy
+            array or a tensor (kept on its device).
+        size: the output side (square) or ``(height, width)``; None keeps ``H, W``.
+        mean: per-channel mean subtracted after scaling to ``[0, 1]``.
+        std: per-channel standard deviation divided by.
+
+    Returns:
+        float32 ``[N, 3, height, width]``.
+
+    Raises:
+        DataError: another layout, or a bad ``size``.
+    """
+    x = torch.as_tensor(images)
+    layout = "give [N, H, W] greyscale or [N, H, W, 3] RGB images, as the slimkit.zoo.images loaders return"
+    if x.dim() == 4 and x.shape[-1] == 1:
+        x = x[..., 0]
+    if not (x.dim() == 3 or (x.dim() == 4 and x.shape[-1] == 3)):
+        raise DataError(f"imagenet_batch: images of shape {tuple(x.shape)}; {layout}")
+    shape = _size(size)
+    x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+    x = x.unsqueeze(1).expand(-1, 3, -1, -1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
+    if shape is not None and tuple(x.shape[2:]) != shape:
+        shrinking = shape[0] < x.shape[2] or shape[1] < x.shape[3]
+        x = F.interpolate(x, size=shape, mode="bilinear", align_corners=False, antialias=shrinking)
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
+def _load_image_folder(name: str, root: Path, mode: str = "L", size: tuple[int, int] | None = None) -> ImageClassificationData:
     layout = f"lay it out as {root}/train/<class>/*.png and {root}/test/<class>/*.png"
     if not root.is_dir():
         raise DataError(f"{root}: no such directory; give 'fashion-mnist' or a folder of images ({layout})")
@@ -277,21 +371,21 @@ def _load_image_folder(name: str, root: Path) -> ImageClassificationData:
     for split in ("train", "test"):
         found = []
         for label, cls in enumerate(classes):
-            pngs = _pngs(root / split / cls)
-            if split == "train" and not pngs:
+            found_files = _image_files(root / split / cls)
+            if split == "train" and not found_files:
                 raise DataError(
-                    f"{root / split / cls}: no .png images; every class needs train images, "
+                    f"{root / split / cls}: no {_SUFFIX_TEXT} images; every class needs train images, "
                     "so add some or remove the folder"
                 )
-            found += [(p, label) for p in pngs]
+            found += [(p, label) for p in found_files]
         if not found:
-            raise DataError(f"{root / split}: no .png images in any class folder; {layout}")
+            raise DataError(f"{root / split}: no {_SUFFIX_TEXT} images in any class folder; {layout}")
         files[split] = found
 
     reference = files["train"][0][0]
-    size = _read_png(reference).shape
-    x_train, y_train = _read_pngs(files["train"], size, reference)
-    x_test, y_test = _read_pngs(files["test"], size, reference)
+    shape = _read_image(reference, mode, size).shape
+    x_train, y_train = _read_images(files["train"], shape, reference, mode, size)
+    x_test, y_test = _read_images(files["test"], shape, reference, mode, size)
     return ImageClassificationData(name, x_train, y_train, x_test, y_test, classes)
 
 
@@ -299,35 +393,39 @@ def _subfolders(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _pngs(directory: Path) -> list[Path]:
+def _image_files(directory: Path) -> list[Path]:
     if not directory.is_dir():
         return []
     return sorted(
         p for p in directory.iterdir()
-        if p.is_file() and p.suffix.lower() == ".png" and not p.name.startswith(".")
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
     )
 
 
-def _read_png(path: Path) -> np.ndarray:
+def _read_image(path: Path, mode: str = "L", size: tuple[int, int] | None = None) -> np.ndarray:
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("L"), dtype=np.uint8)
+            im = im.convert(mode)
+            if size is not None and im.size != (size[1], size[0]):
+                im = im.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+            return np.asarray(im, dtype=np.uint8)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"{path}: cannot read the image ({e}); replace or remove it") from None
 
 
-def _read_pngs(
-    files: list[tuple[Path, int]], size: tuple[int, ...], reference: Path
+def _read_images(
+    files: list[tuple[Path, int]], shape: tuple[int, ...], reference: Path,
+    mode: str = "L", size: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    x = np.empty((len(files), *size), dtype=np.float32)
+    x = np.empty((len(files), *shape), dtype=np.float32)
     y = np.empty(len(files), dtype=np.int64)
     for i, (path, label) in enumerate(files):
-        pixels = _read_png(path)
-        if pixels.shape != size:
+        pixels = _read_image(path, mode, size)
+        if pixels.shape != shape:
             raise DataError(
                 f"{path}: image is {pixels.shape[1]}x{pixels.shape[0]} (width x height) but the "
-                f"first train image {reference} is {size[1]}x{size[0]}; resize it so all "
-                "images have the same size"
+                f"first train image {reference} is {shape[1]}x{shape[0]}; resize it so all "
+                "images have the same size, or load with size=(height, width)"
             )
         x[i] = pixels / np.float32(255.0)
         y[i] = label
