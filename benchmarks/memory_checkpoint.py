@@ -35,7 +35,7 @@ from slimkit.memory.checkpoint import (  # noqa: E402
 from slimkit.memory.peak import measure_activation_peak  # noqa: E402
 
 FULL = {"layers": 12, "hidden": 768, "heads": 12, "intermediate": 3072, "vocab": 30522, "batch": 8,
-        "seq_len": 128, "rounds": 3, "repeats": 3}
+        "seq_len": 128, "rounds": 11, "repeats": 3}
 # A small vocabulary: with BERT's 30522 words the dense gradient of a 64-wide embedding
 # table would be the largest tensor of the step and hide what the blocks do.
 QUICK = {"layers": 2, "hidden": 64, "heads": 2, "intermediate": 128, "vocab": 1000, "batch": 2, "seq_len": 32,
@@ -98,7 +98,7 @@ def main() -> int:
     p.add_argument("--out", type=Path, help="result file (default benchmarks/results/memory_checkpoint.json; "
                                             "--quick needs it)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rounds", type=int, help="timing rounds (default 3, quick 2)")
+    p.add_argument("--rounds", type=int, help="timing rounds (default 11, quick 2)")
     args = p.parse_args()
     if args.quick and args.out is None:
         p.error("--quick results are not benchmark results: give --out PATH")
