@@ -109,3 +109,13 @@ def test_saved_torch_variant_reloads_bit_exact(run_folder):
     ids = torch.tensor([[101, 2023, 2003, 1037, 2307, 3185, 102]])
     torch.testing.assert_close(a.module(ids, torch.ones_like(ids)), b.module(ids, torch.ones_like(ids)), rtol=0, atol=0)
     assert json.loads((folder / "slimkit.json").read_text())["transforms"][0]["config"]["method"] == "dynamic_int8"
+
+
+def test_report_profiles_the_baseline_forward_pass(run_folder):
+    m = json.loads((run_folder / "metrics.json").read_text())
+    prof = m["memory_profile"]
+    assert prof["model"] == "minilm-l6" and prof["train"] is False
+    assert prof["inputs"]["input_ids"] == [1, 32]  # the harness's smallest batch, its sequence length
+    assert prof["peak"]["bytes"] > 0 and prof["modules"]
+    html = (run_folder / "report.html").read_text()
+    assert "<h2>Memory profile</h2>" in html and 'id="plot-memory-profile"' in html

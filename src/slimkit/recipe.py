@@ -45,6 +45,7 @@ class MeasureSpec(_Strict):
     settle_ms: float = Field(50.0, ge=0)
     accuracy: bool = True
     memory: bool = True
+    memory_profile: bool = True
     energy: bool = True
 
 

@@ -196,9 +196,16 @@ def run(recipe: Recipe, output: str | Path | None = None, progress: bool = True)
                 bar.advance(step)
         if m.energy:
             _energy(variants, m.seq_len, results, runners, feeds, device)
+        profiled = None
+        if m.memory_profile:
+            step = bar.add_task("memory profile of the baseline", total=1)
+            profiled = _memory_profile(variants[0].model, spec.model, feeds, m.seq_len, device)
+            bar.advance(step)
 
         step = bar.add_task("write model, metrics and report", total=1)
         metrics = _metrics(recipe, variants, results, data, device)
+        if profiled is not None:
+            metrics["memory_profile"] = profiled
         write_json(tmp / "metrics.json", metrics)
         write_text(tmp / "recipe.yaml", yaml.safe_dump(recipe.raw, sort_keys=False))
         output_variant = next(v for v in variants if v.is_output)
@@ -209,6 +216,19 @@ def run(recipe: Recipe, output: str | Path | None = None, progress: bool = True)
         bar.advance(step)
     _remove_workdir(checkpoints)
     return out_dir
+
+
+def _memory_profile(model: LoadedModel, name: str, feeds: dict[int, dict[str, np.ndarray]], seq_len: int,
+                    device: str) -> dict[str, Any]:
+    """Where the memory of one forward pass of the fp32 baseline goes, on the harness's own
+    input at its smallest batch (the report's memory-profile section)."""
+    from slimkit.memory.profiler import profile
+
+    feed = feeds[min(feeds)]
+    inputs = {k: torch.from_numpy(v).to(device) for k, v in feed.items()}
+    shapes = {k: list(v.shape) for k, v in inputs.items()}
+    return {"model": name, "inputs": shapes, "seq_len": seq_len,
+            **profile(model.module.to(device), inputs).to_dict()}
 
 
 def _call(runner, feed: dict[str, np.ndarray]):

@@ -183,12 +183,30 @@ def test_bad_names_and_folders_are_refused(tmp_path):
     store = WeightStore(tmp_path / "store")
     with pytest.raises(StoreError, match="model name '../x'"):
         store.put("../x", nn.Linear(2, 2))
+    outside = tmp_path / "x.json"
+    outside.write_text("{}")
+    with pytest.raises(StoreError, match="model name '../x'"):
+        store.remove("../x")
+    assert outside.read_text() == "{}"  # nothing outside the store is touched
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("hi")
     with pytest.raises(StoreError, match="not a weight store"):
         WeightStore(tmp_path / "other")
     with pytest.raises(StoreError, match="verify='lazy'"):
         store.state_dict("x", verify="lazy")
+
+
+def test_a_manifest_whose_shape_disagrees_with_its_bytes_is_refused(tmp_path):
+    import json
+
+    store = WeightStore(tmp_path / "store")
+    store.put("a", task_models()["a"])
+    path = tmp_path / "store" / "models" / "a.json"
+    doc = json.loads(path.read_text())
+    doc["tensors"]["head.weight"]["shape"] = [2, 256]
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ModelLoadError, match=r"head.weight is \[2, 256\] F32 \(2048 bytes\) but its object holds 1024"):
+        store.state_dict("a")
 
 
 WRITER = """

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import sys
@@ -315,6 +316,7 @@ class WeightStore:
 
     def remove(self, name: str) -> None:
         """Forget a model; its objects stay until :meth:`gc` finds no model using them."""
+        self._check_name(name)
         path = self._manifest_path(name)
         if not path.is_file():
             raise ModelLoadError(self._no_model(name))
@@ -367,6 +369,12 @@ class WeightStore:
             dtype = DTYPES.get(e["dtype"])
             if dtype is None:
                 raise ModelLoadError(f"{self._manifest_path(name)}: {key} has dtype {e['dtype']!r}, unknown to this torch")
+            # A manifest edited by hand (or damaged) could pair a shape with too few bytes.
+            expected = math.prod(e["shape"]) * dtype.itemsize
+            if expected != e["nbytes"]:
+                raise ModelLoadError(
+                    f"{self._manifest_path(name)}: {key} is {e['shape']} {e['dtype']} ({expected} bytes) but its "
+                    f"object holds {e['nbytes']} bytes; the manifest is corrupt: put model {name!r} again")
             mm = maps[e["hash"]]
             out[key] = torch.empty(e["shape"], dtype=dtype) if mm is None else tensor_from_mapping(mm, dtype, e["shape"])
         return out
