@@ -124,6 +124,69 @@ def test_checkpointing_gradients_equal_bert(autocast):
         torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
+class MatmulCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts addmm calls by the width they contract."""
+
+    def __init__(self):
+        super().__init__()
+        self.by_inner: dict[int, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.addmm.default:
+            k = args[1].shape[-1]
+            self.by_inner[k] = self.by_inner.get(k, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_selective_policy_keeps_wide_contractions_and_gradients_equal():
+    model, x = net(4)
+    loss_ref, ref = grads_of(model, x, mse)
+    checkpoint_(model, CheckpointConfig(policy="selective"))
+    with MatmulCounter() as counted:
+        loss_ck, got = grads_of(model, x, mse)
+    assert loss_ck == loss_ref
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-6, atol=1e-7, msg=name)
+    # lin1 (32 -> 128) runs again in each block's backward; lin2 (128 -> 32) does not:
+    # its output was kept. inp (16 -> 32) and the head (32 -> 4) are outside the blocks.
+    assert counted.by_inner == {16: 1, 32: 2 * 4 + 1, 128: 4}
+
+
+def test_selective_policy_costs_memory_between_full_and_none():
+    model, x = net(6)
+    params = list(model.parameters())
+
+    def step():
+        mse(model(x)).backward()
+
+    none = measure_activation_peak(step, params).peak_bytes
+    peaks = {}
+    for policy in ("full", "selective"):
+        handle = checkpoint_(model, CheckpointConfig(policy=policy))
+        peaks[policy] = measure_activation_peak(step, params).peak_bytes
+        handle.remove()
+    kept = 6 * 8 * 24 * 32 * 4  # every block's lin2 output, fp32
+    assert peaks["full"] < peaks["selective"] <= peaks["full"] + kept
+    assert peaks["selective"] < none
+
+
+def test_selective_policy_with_bert_gives_equal_gradients():
+    model, batch = tiny_bert()
+    loss_ref, ref = grads_of(model, batch, hidden_sq)
+    checkpoint_(model, CheckpointConfig(policy="selective"))
+    loss_ck, got = grads_of(model, batch, hidden_sq)
+    assert loss_ck == pytest.approx(loss_ref, rel=1e-6)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_planning_to_a_budget_needs_full_recomputation(profiled):
+    model, x, prof = profiled
+    with pytest.raises(ConfigError, match="policy='selective': planning to a budget predicts full recomputation"):
+        plan_checkpointing(model, x, mse, prof.max_peak_bytes, config=CheckpointConfig(policy="selective"),
+                           profile=prof)
+
+
 def test_bf16_autocast_runs_matmuls_in_bf16():
     model, x = net(2)
     seen = []

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from pydantic import ByteSize, Field, field_validator
 from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 from torch.utils.checkpoint import checkpoint as _torch_checkpoint
 
 from slimkit.config import LayerSelector, SlimConfig
@@ -66,6 +67,13 @@ class CheckpointConfig(SlimConfig):
         verify: measure the chosen plan once and, while it is over the budget, add blocks.
         repeats: timed steps (after one warm-up) whose medians give the step time and
             each block's forward time.
+        policy: what a checkpointed block recomputes. ``full`` keeps only the block's
+            inputs and runs its whole forward again. ``selective`` also keeps the output
+            of every matrix multiplication that contracts a dimension at least twice as
+            wide as the one it produces (in a transformer layer, the FFN's down
+            projection: a quarter of the layer's arithmetic for one hidden-sized tensor),
+            so the recompute skips them: a little more memory for a cheaper backward.
+            Planning to a ``budget`` measures full recomputation, so it needs ``full``.
     """
 
     kind: ClassVar[str] = "memory"
@@ -77,6 +85,7 @@ class CheckpointConfig(SlimConfig):
     strategy: Literal["auto", "exact", "greedy"] = "auto"
     verify: bool = True
     repeats: int = Field(default=3, ge=1)
+    policy: Literal["full", "selective"] = "full"
 
     @field_validator("blocks", mode="before")
     @classmethod
@@ -395,9 +404,10 @@ class _CheckpointedForward:
     points the copy's forward at the copied block.
     """
 
-    def __init__(self, module: nn.Module, previous: Callable[..., Any] | None):
+    def __init__(self, module: nn.Module, previous: Callable[..., Any] | None, policy: str = "full"):
         self.module = module
         self.previous = previous
+        self.policy = policy
 
     def _forward(self) -> Callable[..., Any]:
         return self.previous or type(self.module).forward.__get__(self.module)
@@ -408,7 +418,28 @@ class _CheckpointedForward:
             return fn(*args, **kwargs)
         # Non-reentrant: works with keyword arguments, with inputs that need no grad, and
         # with torch.autograd.grad; the RNG state is restored so dropout masks repeat.
+        if self.policy == "selective":
+            return _torch_checkpoint(fn, *args, use_reentrant=False, context_fn=_selective_contexts, **kwargs)
         return _torch_checkpoint(fn, *args, use_reentrant=False, **kwargs)
+
+
+_MATMULS = {torch.ops.aten.mm.default: 0, torch.ops.aten.bmm.default: 0,
+            torch.ops.aten.addmm.default: 1, torch.ops.aten.baddbmm.default: 1}  # where the two factors start
+
+
+def _keep_wide_contractions(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    """Keep the outputs of matmuls whose contracted dimension is at least twice their
+    output's: they cost the most arithmetic per byte kept."""
+    start = _MATMULS.get(op)
+    if start is not None:
+        a, b = args[start], args[start + 1]
+        if a.shape[-1] >= 2 * b.shape[-1]:
+            return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_contexts() -> tuple[Any, Any]:
+    return create_selective_checkpoint_contexts(_keep_wide_contractions)
 
 
 class _AutocastForward:
@@ -432,6 +463,7 @@ class CheckpointHandle:
     blocks: list[str]
     autocast: str
     plan: CheckpointPlan | None = None
+    policy: str = "full"
 
     def remove(self) -> None:
         """Undo: the blocks' and the model's ``forward`` are what they were before."""
@@ -458,12 +490,13 @@ def checkpoint_(
         A handle whose ``remove()`` undoes this; calling ``checkpoint_`` again replaces
         what an earlier call did.
     """
-    plan = None
+    plan, policy = None, "full"
     if isinstance(plan_or_config, CheckpointPlan):
         plan = plan_or_config
         names, autocast = plan.chosen, plan.autocast
     else:
         config = plan_or_config or CheckpointConfig()
+        policy = config.policy
         if config.budget is None:
             names, autocast = resolve_blocks(model, config.blocks), config.autocast
         else:
@@ -473,8 +506,8 @@ def checkpoint_(
             plan = plan_checkpointing(model, example_batch, loss_fn, config=config)
             names, autocast = plan.chosen, plan.autocast
     _unwrap(model)
-    _wrap(model, names, autocast)
-    return CheckpointHandle(model, list(names), autocast, plan)
+    _wrap(model, names, autocast, policy)
+    return CheckpointHandle(model, list(names), autocast, plan, policy)
 
 
 def remove_checkpointing_(model: nn.Module) -> None:
@@ -487,7 +520,7 @@ def checkpointed_blocks(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m.__dict__.get("forward"), _CheckpointedForward)]
 
 
-def _wrap(model: nn.Module, names: Sequence[str], autocast: str) -> None:
+def _wrap(model: nn.Module, names: Sequence[str], autocast: str, policy: str = "full") -> None:
     modules = []
     for name in names:
         if not name:
@@ -497,7 +530,7 @@ def _wrap(model: nn.Module, names: Sequence[str], autocast: str) -> None:
         except AttributeError:
             raise LayerSelectionError(f"the model has no module {name!r} to checkpoint") from None
     for m in modules:
-        m.forward = _CheckpointedForward(m, m.__dict__.get("forward"))
+        m.forward = _CheckpointedForward(m, m.__dict__.get("forward"), policy)
     if autocast == "bf16":
         model.forward = _AutocastForward(model, model.__dict__.get("forward"))
 
@@ -659,6 +692,9 @@ def plan_checkpointing(
     config = config or CheckpointConfig()
     if budget is not None:
         config = CheckpointConfig.model_validate({**config.model_dump(), "budget": budget})
+    if config.policy != "full":
+        raise ConfigError(f"policy={config.policy!r}: planning to a budget predicts full recomputation; plan with "
+                          "policy='full', or checkpoint blocks with policy='selective' and no budget")
     if profile is None:
         profile = profile_checkpointing(model, example_batch, loss_fn, config)
     elif profile.autocast != config.autocast:
