@@ -428,3 +428,22 @@ def test_below_minimum_says_when_checkpointing_cannot_help():
     with pytest.raises(ConfigError, match="checkpointing more cannot lower it") as err:
         plan_checkpointing(model, ids, mse, profile.min_peak_bytes - 1, profile=profile)
     assert "the backward after layers.0" in str(err.value) and "finer blocks" not in str(err.value)
+
+
+def test_a_block_that_runs_twice_per_step_is_refused_by_the_planner():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([Block(), Block()])
+            self.inp, self.head = nn.Linear(16, 32), nn.Linear(32, 4)
+
+        def forward(self, x):
+            h = self.inp(x)
+            h = self.layers[0](self.layers[0](h))  # shared weights: one module, two calls
+            return self.head(self.layers[1](h))
+
+    torch.manual_seed(0)
+    model = Twice().train()
+    x = torch.randn(4, 8, 16)
+    with pytest.raises(ConfigError, match=r"\['layers.0'\] do not run exactly once per step \(layers.0 2 times in 1 steps"):
+        profile_checkpointing(model, x, mse, CheckpointConfig(repeats=1))

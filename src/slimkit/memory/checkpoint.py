@@ -821,7 +821,9 @@ def _time_steps(
         raise ConfigError(f"blocks: {missing} did not run in the example step; choose modules the forward calls")
     repeated = [n for n in names if calls[n] != repeats]
     if repeated:
-        raise ConfigError(f"blocks: {repeated} run more than once per step (shared weights?); the planner needs "
+        counts = ", ".join(f"{n} {calls[n]} times" for n in repeated)
+        raise ConfigError(f"blocks: {repeated} do not run exactly once per step ({counts} in {repeats} steps: "
+                          "shared weights, or a condition?); the planner needs "
                           "blocks that run once: choose the modules that call them, or checkpoint_ without a budget")
     return order, {n: statistics.median(runs[n]) for n in names}, statistics.median(step_times)
 
