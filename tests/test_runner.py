@@ -37,14 +37,18 @@ def run_folder(tmp_path_factory):
         {"distill": {"student": {"layers": [5]}, "validation_texts": 20, "epochs": 2, "batch_size": 25,
                      "lr": 5e-4, "max_len": 32, "hidden_weight": 0.0}},
         {"quantize": {"method": "dynamic_int8"}}]}
-    recipe = {**RECIPE, "compare": [*RECIPE["compare"], {"name": "student", "model": str(student_dir)}, distilled]}
+    # And a variant pruned to 90% of the parameters, per-layer amounts from a sensitivity analysis.
+    pruned = {"name": "pruned", "stages": [
+        {"prune": {"method": "transformer_structured", "budget": {"keep": 0.9, "ratios": [0.5], "batches": 4}}}]}
+    recipe = {**RECIPE, "compare": [*RECIPE["compare"], {"name": "student", "model": str(student_dir)}, distilled,
+                                    pruned]}
     return run(Recipe.from_dict(recipe), tmp_path_factory.mktemp("runs") / "tiny", progress=False)
 
 
 def test_run_folder_holds_every_artifact(run_folder):
     names = {p.name for p in run_folder.iterdir()}
     assert {"model.onnx", "slimkit.json", "metrics.json", "report.html", "recipe.yaml", "tokenizer", "variants"} <= names
-    assert sorted(p.name for p in (run_folder / "variants").iterdir()) == ["distilled", "fp32", "slimkit-int8", "student", "torch-int8"]
+    assert sorted(p.name for p in (run_folder / "variants").iterdir()) == ["distilled", "fp32", "pruned", "slimkit-int8", "student", "torch-int8"]
     assert not list(run_folder.parent.glob(".*partial")), "no temporary folder may be left behind"
     assert not list(run_folder.parent.glob(".*checkpoints")), "training checkpoints go once the run is complete"
 
@@ -71,6 +75,7 @@ def test_metrics_cover_every_variant_with_the_same_harness(run_folder):
     assert student["size_ratio"] < 0.9 and student["accuracy"]["cosine_mean"] < 0.99  # not distilled
     assert student["energy"]["macs"] < 0.5 * by["fp32"]["energy"]["macs"]  # 2 of 6 layers
     assert all(v["training"] is None for n, v in by.items() if n != "distilled")
+    assert all(v["pruning"] is None for n, v in by.items() if n != "pruned")
 
 
 def test_distilled_variant_records_its_training_and_the_report_shows_it(run_folder):
@@ -119,3 +124,18 @@ def test_report_profiles_the_baseline_forward_pass(run_folder):
     assert prof["peak"]["bytes"] > 0 and prof["modules"]
     html = (run_folder / "report.html").read_text()
     assert "<h2>Memory profile</h2>" in html and 'id="plot-memory-profile"' in html
+
+
+def test_budget_pruning_records_its_sensitivity_and_the_report_plots_it(run_folder):
+    m = json.loads((run_folder / "metrics.json").read_text())
+    v = next(v for v in m["variants"] if v["name"] == "pruned")
+    (rec,) = v["pruning"]
+    assert rec["stage"] == 0 and rec["kind"] == "sensitivity"
+    assert len(rec["sensitivity"]["groups"]) == 12  # 6 layers, heads and FFN
+    choice = rec["choice"]
+    assert choice["cost"] <= choice["budget"] == pytest.approx(0.9 * choice["total"])
+    model = serialize.load(run_folder / "variants" / "pruned")
+    assert sum(p.numel() for p in model.module.parameters()) == choice["cost"]
+    html = (run_folder / "report.html").read_text()
+    assert "<h2>Pruning sensitivity: pruned</h2>" in html and 'id="plot-sensitivity-0"' in html
+    assert 'id="pruning-table-0"' in html

@@ -57,6 +57,7 @@ class Variant:
     folder: Path | None = None
     base: LoadedModel | None = None  # the float PyTorch model it computes (for counting MACs)
     training: list[dict[str, Any]] = field(default_factory=list)  # records of its distill stages
+    pruning: list[dict[str, Any]] = field(default_factory=list)  # analyses its prune stages chose by
 
     @property
     def framework(self) -> str:
@@ -75,6 +76,7 @@ class Variant:
 def apply_stages(model: LoadedModel, configs: list[SlimConfig], workdir: Path, calibration=None, *,
                  train_texts: list[str] | None = None, checkpoints: Path | None = None, device: str = "cpu",
                  progress: bool = False, training: list[dict[str, Any]] | None = None,
+                 pruning: list[dict[str, Any]] | None = None,
                  ) -> tuple[LoadedModel | OnnxModel, LoadedModel]:
     """Apply ``configs`` in order to a copy of ``model``; an export stage turns it into ONNX.
 
@@ -87,8 +89,9 @@ def apply_stages(model: LoadedModel, configs: list[SlimConfig], workdir: Path, c
     A distill stage replaces the model by the student it trains (on ``train_texts``
     unless the stage names a file), keeps resumable checkpoints under ``checkpoints``,
     and appends its training record to ``training``. A prune stage shrinks the model
-    (scoring on ``calibration`` where its importance needs data), and the architecture
-    returned is the pruned one.
+    (scoring on ``calibration`` where its importance or its budget's sensitivity analysis
+    needs data; the analysis is appended to ``pruning``), and the architecture returned
+    is the pruned one.
     """
     if not configs:
         return model, model
@@ -113,7 +116,9 @@ def apply_stages(model: LoadedModel, configs: list[SlimConfig], workdir: Path, c
         elif cfg.kind == "prune":
             # Recipes put PyTorch-side stages before the export, so this is a LoadedModel.
             # Importance from gradients scores on the calibration sentences (train split).
-            prune_(current.module, cfg, calibration=calibration)
+            result = prune_(current.module, cfg, calibration=calibration)
+            if result.analysis is not None and pruning is not None:
+                pruning.append({"stage": i, **result.analysis})
             # The model is smaller now: the energy estimate counts what it computes.
             architecture = current.clone() if i < len(configs) - 1 else current
         elif cfg.kind == "cluster":
@@ -165,10 +170,12 @@ def run(recipe: Recipe, output: str | Path | None = None, progress: bool = True)
             folder = tmp / "variants" / name
             base = load_model(recipe.compare_models[name]) if name in recipe.compare_models else model
             training: list[dict[str, Any]] = []
+            pruning: list[dict[str, Any]] = []
             built, architecture = apply_stages(
                 base, configs, folder / "work", calibration, train_texts=data.train_texts,
-                checkpoints=checkpoints / name, device=device, progress=progress, training=training)
-            v = Variant(name, built, configs, is_output, folder, architecture, training)
+                checkpoints=checkpoints / name, device=device, progress=progress, training=training,
+                pruning=pruning)
+            v = Variant(name, built, configs, is_output, folder, architecture, training, pruning)
             serialize.save(v.model, folder)
             _remove_workdir(folder / "work")
             if isinstance(v.model, OnnxModel):
@@ -342,6 +349,7 @@ def _metrics(recipe: Recipe, variants: list[Variant], results: dict, data: TextC
             "accuracy": r.get("accuracy"),
             "energy": r.get("energy"),
             "training": v.training or None,
+            "pruning": v.pruning or None,
         })
     return {
         "schema_version": METRICS_SCHEMA_VERSION,

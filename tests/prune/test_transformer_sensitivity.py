@@ -118,3 +118,35 @@ def test_gradient_importance_needs_calibration():
 def test_bad_arguments_are_named(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         transformer_sensitivity(tiny_bert(), lambda m: 1.0, **kwargs)
+
+
+def test_prune_to_a_budget_chooses_per_layer_amounts_from_the_sensitivity():
+    model = tiny_bert()
+    costs = transformer_costs(model)
+    cfg = TransformerPruneConfig(budget={"keep": 0.8, "ratios": [0.25, 0.5, 0.75], "batches": 1})
+    result = prune_(model, cfg, calibration=[batch()])
+    # The model keeps at most 80% of its parameters, exactly what the choice predicted.
+    assert n_params(model) <= 0.8 * costs["total"]
+    assert n_params(model) == result.analysis["choice"]["cost"]
+    kept = result.config.kept
+    layers = encoder_layers(model)
+    for i, x in enumerate(layers):
+        s = kept.get(i)
+        assert x.num_heads == (len(s.heads) if s and s.heads is not None else HEADS)
+        assert x.width == (s.ffn if s and s.ffn is not None else FFN)
+    sens = result.analysis["sensitivity"]
+    assert sens["baseline"] == pytest.approx(1.0, abs=1e-6) and len(sens["groups"]) == 2 * LAYERS
+    assert sensitivity_plot(sens).startswith("data:image/png;base64,")
+    # Saved, the config replays the chosen structure without analysing again.
+    again = tiny_bert()
+    prune_(again, result.config.replay_on(result.layers))
+    assert [(x.num_heads, x.width) for x in encoder_layers(again)] == [(x.num_heads, x.width) for x in layers]
+
+
+def test_a_budget_needs_calibration_and_excludes_fractions():
+    with pytest.raises(ConfigError, match="a pruning budget needs calibration data"):
+        prune_(tiny_bert(), TransformerPruneConfig(budget={"keep": 0.8}))
+    with pytest.raises(ValueError, match="give a budget .* or the fractions heads/ffn, not both"):
+        TransformerPruneConfig(heads=0.5, budget={"keep": 0.8})
+    with pytest.raises(ValueError, match=r"\[1.5\]: each ratio is a fraction of a group removed"):
+        TransformerPruneConfig(budget={"keep": 0.8, "ratios": [0.5, 1.5]})

@@ -105,3 +105,13 @@ def test_report_with_distillation_passes_its_self_check(tmp_path):
     dom = chromium(tmp_path, page, "--dump-dom")
     assert selfcheck(dom) == "ok"
     assert 'id="plot-training"' in dom and 'id="training-table"' in dom
+
+
+def test_report_with_a_pruning_sensitivity_passes_its_self_check(tmp_path):
+    from test_html import with_pruning
+
+    page = tmp_path / "report.html"
+    render_report(with_pruning(json.loads(SAMPLE.read_text())), page)
+    dom = chromium(tmp_path, page, "--dump-dom")
+    assert selfcheck(dom) == "ok"
+    assert 'id="plot-sensitivity-0"' in dom and 'id="pruning-table-0"' in dom

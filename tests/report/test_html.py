@@ -220,3 +220,28 @@ def test_distilled_variant_gets_a_teacher_student_table_and_curves(metrics, tmp_
 def test_no_training_section_without_training(metrics, tmp_path):
     html = render(metrics, tmp_path)
     assert 'id="training-table"' not in html and "plot-training" not in html
+
+
+def with_pruning(metrics: dict) -> dict:
+    """The sample with its output variant pruned to a budget (an analysis as the runner records it)."""
+    out = copy.deepcopy(metrics)
+    sens = {"baseline": 1.0, "ratios": [0.5], "higher_is_better": True, "importance": "l1", "round_to": 1,
+            "min_channels": 1, "groups": {"layer0.heads": {"size": 12, "kept": [6], "metric": [0.97]},
+                                          "layer0.ffn": {"size": 1536, "kept": [768], "metric": [0.99]}}}
+    choice = {"ratios": {"layer0.ffn": 0.5}, "kept": {"layer0.ffn": 768}, "cost": 20_000_000,
+              "budget": 20_441_894.4, "total": 22_713_216, "kind": "params", "metric_loss": 0.01}
+    record = {"stage": 0, "kind": "sensitivity", "metric": "embedding cosine to the unpruned model (calibration data)",
+              "sensitivity": sens, "choice": choice}
+    next(v for v in out["variants"] if v["is_output"])["pruning"] = [record]
+    return out
+
+
+def test_budget_pruned_variant_gets_a_sensitivity_plot_and_the_kept_groups(metrics, tmp_path):
+    html = render(with_pruning(metrics), tmp_path)
+    assert "<h2>Pruning sensitivity: slimkit-int8</h2>" in html
+    assert "keeps 20,000,000 of 22,713,216 parameters" in html
+    table = re.search(r'<table id="pruning-table-0">.*?</table>', html, re.S).group(0)
+    assert re.findall(r"<td>(layer0\.\w+)</td><td class=\"n\">([\d,]+)</td><td class=\"n\">([\d,]+)</td>", table) == [
+        ("layer0.heads", "12", "12"), ("layer0.ffn", "1,536", "768")]
+    assert base64.b64decode(img_src(html, "plot-sensitivity-0").split(",", 1)[1]).startswith(PNG_MAGIC)
+    assert "Pruning sensitivity" not in render(metrics, tmp_path)

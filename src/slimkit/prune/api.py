@@ -20,10 +20,13 @@ class Pruned:
         config: the config as recorded with the model. Methods that choose from data
             (which heads, which neurons) fill the choice in, so that loading the saved
             model rebuilds the same shapes without choosing again.
+        analysis: what a method measured to choose, when it did (the sensitivity curves
+            and the per-group choice of a budget), for the run report.
     """
 
     layers: list[str]
     config: SlimConfig
+    analysis: dict[str, Any] | None = None
 
 
 def prune_(model: Any, config: SlimConfig, **context: Any) -> Pruned:

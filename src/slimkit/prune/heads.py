@@ -70,6 +70,43 @@ class LayerStructure(BaseModel):
 Ratio = float | dict[int, float]
 
 
+class SensitivityBudget(BaseModel):
+    """Prune to a size or speed budget, per-layer amounts chosen by a sensitivity analysis.
+
+    Each layer's heads, then its FFN neurons, are pruned alone at each of ``ratios`` and
+    the copy is scored by the mean cosine of its sentence embeddings to the unpruned
+    model's on ``batches`` calibration batches (train data, no labels). The groups whose
+    removal costs the least cosine per parameter (or MAC) saved are pruned until the model
+    keeps at most ``keep`` of ``cost``
+    (:func:`slimkit.prune.sensitivity.ratios_for_budget`).
+
+    Attributes:
+        cost: ``params`` (every parameter of the model) or ``macs`` (the encoder's
+            multiply-accumulates per example of ``seq_len`` tokens).
+        keep: the fraction of the cost to keep, in ``(0, 1]``.
+        ratios: fractions of a group removed in the analysis, each in ``(0, 1)``.
+        batches: calibration batches each pruned copy is scored on (a recipe's are
+            single train sentences).
+        seq_len: sequence length the MACs are counted at.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cost: Literal["params", "macs"] = "params"
+    keep: float = Field(gt=0, le=1)
+    ratios: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 0.9], min_length=1)
+    batches: int = Field(32, ge=1)
+    seq_len: int = Field(128, ge=1)
+
+    @field_validator("ratios")
+    @classmethod
+    def _in_range(cls, v: list[float]) -> list[float]:
+        bad = [r for r in v if not 0 < r < 1]
+        if bad:
+            raise ValueError(f"{bad}: each ratio is a fraction of a group removed, in (0, 1)")
+        return sorted(set(v))
+
+
 class TransformerPruneConfig(SlimConfig):
     """Remove whole attention heads and FFN neurons from a BERT-like encoder.
 
@@ -97,6 +134,9 @@ class TransformerPruneConfig(SlimConfig):
             before ranking across layers (as Michel et al. do), so that layers whose
             weights or gradients are larger do not keep everything.
         seed: seeds the random nudge of the label-free loss (see :func:`gradient_scores`).
+        budget: instead of ``heads`` and ``ffn``, prune to a parameter or MAC budget with
+            per-layer amounts chosen by a sensitivity analysis on the calibration data
+            (see :class:`SensitivityBudget`); the analysis is recorded with the result.
         kept: the structure each layer keeps, by layer index. :func:`slimkit.prune_`
             fills it in when it records the transform, so that loading rebuilds the same
             shapes. Given by hand, it decides alone (``heads``, ``ffn`` and ``scope``
@@ -114,6 +154,7 @@ class TransformerPruneConfig(SlimConfig):
     calibration_batches: int = Field(32, ge=1)
     normalize: bool = True
     seed: int = 0
+    budget: SensitivityBudget | None = None
     kept: dict[int, LayerStructure] | None = None
 
     @field_validator("heads", "ffn")
@@ -145,6 +186,9 @@ class TransformerPruneConfig(SlimConfig):
         if self.scope == "global" and (isinstance(self.heads, dict) or isinstance(self.ffn, dict)):
             raise ValueError("scope 'global' takes one fraction for the whole model; give per-layer "
                              "fractions ({layer: fraction}) with scope 'per_layer'")
+        if self.budget is not None and (self.heads or self.ffn):
+            raise ValueError("give a budget (the analysis chooses how much each layer loses) or the fractions "
+                             "heads/ffn, not both")
         return self
 
     def replay_on(self, layers: list[str]) -> TransformerPruneConfig:
@@ -530,6 +574,12 @@ def prune_transformer_(model: nn.Module, config: TransformerPruneConfig, calibra
         ConfigError: the model is not BERT-like, ``kept`` or per-layer fractions name
             layers or indices the model does not have, or calibration data is missing.
     """
+    analysis = None
+    if config.budget is not None and config.kept is None:
+        from slimkit.prune.transformer_sensitivity import kept_for_budget
+
+        kept, analysis = kept_for_budget(model, config, calibration, loss_fn)
+        config = config.model_copy(update={"kept": kept})
     layers = encoder_layers(model)
     plan_heads, plan_ffn = _plan(model, layers, config, calibration, loss_fn, reference)
     changed: dict[int, LayerStructure] = {}
@@ -544,7 +594,7 @@ def prune_transformer_(model: nn.Module, config: TransformerPruneConfig, calibra
             # Head indices are few and tell which heads survived; neuron indices are
             # thousands, and loading only needs their number.
             changed[i] = LayerStructure(heads=h, ffn=None if n is None else len(n))
-    return Pruned([layers[i].name for i in changed], config.model_copy(update={"kept": changed}))
+    return Pruned([layers[i].name for i in changed], config.model_copy(update={"kept": changed}), analysis)
 
 
 def _plan(model: nn.Module, layers: list[EncoderLayer], config: TransformerPruneConfig, calibration, loss_fn,

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from slimkit.errors import ConfigError
+from slimkit.modes import eval_mode
 from slimkit.prune.heads import (
     GRADIENT_METHODS,
     EncoderLayer,
@@ -35,8 +36,9 @@ from slimkit.prune.heads import (
     magnitude_scores,
     remove_heads_,
     remove_neurons_,
+    sentence_embedding,
 )
-from slimkit.prune.sensitivity import DEFAULT_RATIOS
+from slimkit.prune.sensitivity import DEFAULT_RATIOS, ratios_for_budget
 
 PARTS = ("heads", "ffn")
 
@@ -193,11 +195,17 @@ def config_for_budget(choice: Mapping[str, Any], importance: str = "l1", **field
 
     Other config fields (``calibration_batches``, ``seed``, ...) pass through ``fields``.
     """
+    return TransformerPruneConfig(importance=importance, kept=_kept(choice), **fields)
+
+
+def _kept(choice: Mapping[str, Any]) -> dict[int, LayerStructure]:
+    """Per layer, how many heads and neurons a budget choice keeps (groups it does not
+    prune stay whole)."""
     kept: dict[int, dict[str, int]] = {}
-    for key in choice["ratios"]:  # the groups it prunes; the rest stay whole
+    for key in choice["ratios"]:
         layer, part = _parse(key)
         kept.setdefault(layer, {})[part] = int(choice["kept"][key])
-    return TransformerPruneConfig(importance=importance, kept={i: LayerStructure(**v) for i, v in kept.items()}, **fields)
+    return {i: LayerStructure(**v) for i, v in kept.items()}
 
 
 def _parse(key: str) -> tuple[int, str]:
@@ -205,3 +213,41 @@ def _parse(key: str) -> tuple[int, str]:
     if not layer.startswith("layer") or not layer[5:].isdigit() or part not in PARTS:
         raise ConfigError(f"{key!r} is not a transformer group key like 'layer3.heads' or 'layer3.ffn'")
     return int(layer[5:]), part
+
+
+def embedding_cosine(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]]) -> Callable[[nn.Module], float]:
+    """``evaluate(m)``: the mean cosine of ``m``'s sentence embeddings to ``model``'s (as it
+    is now) on ``batches``, in eval mode: a label-free metric for a sensitivity analysis."""
+    def embed(m: nn.Module) -> list[torch.Tensor]:
+        with eval_mode(m), torch.no_grad():
+            return [sentence_embedding(m(**b), b).float() for b in batches]
+
+    reference = embed(model)
+
+    def evaluate(m: nn.Module) -> float:
+        sims = [torch.nn.functional.cosine_similarity(e, r, dim=-1) for e, r in zip(embed(m), reference, strict=True)]
+        return float(torch.cat(sims).mean())
+
+    return evaluate
+
+
+def kept_for_budget(model: nn.Module, config: TransformerPruneConfig, calibration, loss_fn: LossFn | None
+                    ) -> tuple[dict[int, LayerStructure], dict[str, Any]]:
+    """What each layer keeps to meet ``config.budget``, and the analysis that chose it.
+
+    Used by :func:`slimkit.prune_` for a :class:`TransformerPruneConfig` with a budget.
+    """
+    budget = config.budget
+    if calibration is None:
+        raise ConfigError("a pruning budget needs calibration data: the sensitivity analysis scores each pruned "
+                          "copy by the cosine of its sentence embeddings to the unpruned model's; pass "
+                          "calibration=[input dicts, ...] to prune_ (a recipe passes train sentences)")
+    calibration = list(calibration)
+    batches = _calibration_batches(model, calibration, config.model_copy(update={"calibration_batches": budget.batches}))
+    sens = transformer_sensitivity(
+        model, embedding_cosine(model, batches), budget.ratios, importance=config.importance,
+        min_heads_per_layer=config.min_heads_per_layer, calibration=calibration, loss_fn=loss_fn, seed=config.seed)
+    costs = transformer_costs(model, budget.cost, budget.seq_len)
+    choice = ratios_for_budget(sens, costs, budget.keep)
+    return _kept(choice), {"kind": "sensitivity", "metric": "embedding cosine to the unpruned model (calibration data)",
+                       "sensitivity": sens, "choice": choice}

@@ -73,6 +73,10 @@ def _render(metrics: dict[str, Any]) -> str:
     if training:
         tables.append("training-table")
         plot_ids.append(training["plot"]["id"])
+    pruning = _pruning(variants)
+    for section in pruning:
+        tables.append(section["table_id"])
+        plot_ids.append(section["plot"]["id"])
     memory = _memory_profile(metrics.get("memory_profile"))
     if memory:
         tables += ["memory-modules-table", "memory-tensors-table"]
@@ -101,6 +105,7 @@ def _render(metrics: dict[str, Any]) -> str:
         targets_met=sum(1 for t in targets or [] if t.get("met") is True),
         energy=_energy(variants),
         training=training,
+        pruning=pruning,
         memory=memory,
         expected_plots=plot_ids,
         expected_tables=tables,
@@ -339,6 +344,40 @@ def _training(variants: list[dict[str, Any]], baseline: str | None, batch_sizes:
                    "embeddings on the held-out texts (right), per distilled variant.",
     }
     return {"rows": rows, "plot": plot, "batch": b1}
+
+
+def _pruning(variants: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One sensitivity section per prune stage that chose its amounts from an analysis."""
+    from slimkit.report.sensitivity import sensitivity_plot  # it draws with this module's helpers
+
+    sections = []
+    for v in variants:
+        for record in v.get("pruning") or []:
+            sens, choice = record.get("sensitivity"), record.get("choice") or {}
+            if not isinstance(sens, dict):
+                continue
+            k = len(sections)
+            groups = sens.get("groups") or {}
+            kept = choice.get("kept") or {}
+            rows = [{"group": _text(key), "size": _fmt(g.get("size"), "{:,.0f}"),
+                     "kept": _fmt(kept.get(key, g.get("size")), "{:,.0f}"),
+                     "pruned": key in kept} for key, g in groups.items() if isinstance(g, dict)]
+            kind = choice.get("kind", "params")
+            summary = (f"{_text(v.get('name'))}, stage {record.get('stage', DASH)}: each group pruned alone at "
+                       f"{', '.join(f'{r:g}' for r in sens.get('ratios') or [])} of its size, scored by the "
+                       f"{_text(record.get('metric') or 'task metric')}; then the groups that lose the least per "
+                       f"{'parameter' if kind == 'params' else 'MAC'} removed were pruned until the model keeps "
+                       f"{_fmt(choice.get('cost'), '{:,.0f}')} of {_fmt(choice.get('total'), '{:,.0f}')} "
+                       f"{'parameters' if kind == 'params' else 'MACs'} (budget {_fmt(choice.get('budget'), '{:,.0f}')}).")
+            sections.append({
+                "variant": _text(v.get("name")), "summary": summary, "rows": rows,
+                "table_id": f"pruning-table-{k}",
+                "plot": {"id": f"plot-sensitivity-{k}", "src": sensitivity_plot(sens),
+                         "alt": f"Sensitivity of {_text(v.get('name'))}: metric as each group is pruned alone",
+                         "caption": "The metric as each group alone loses a rising fraction of its heads or "
+                                    "neurons; the most sensitive groups are named."},
+            })
+    return sections
 
 
 def _training_plot(trained: list[tuple[dict, dict]]) -> str:
