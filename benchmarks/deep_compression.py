@@ -16,6 +16,11 @@ the bytes of the compressed file on disk (header, codebooks, Huffman tables, ind
 biases and checksums included), and the test error in the last row is that of a fresh
 net loaded from the decoded file.
 
+The pruned and clustered nets learn, by default, from the dense net as well as from the
+labels (--recovery distill: soft targets at T = 4 plus the labels at weight 0.5, on the
+same train split), which is slimkit's recovery path; --recovery hard trains them on the
+labels alone, as the paper did. Each recovery keeps its stages apart under --work.
+
 How many bits each layer gets is chosen on the validation split: starting from 8 bits
 everywhere, the layer whose next bit costs the least validation loss per byte saved
 (one-shot clustering, before fine-tuning) loses it, until the file fits the paper's
@@ -71,6 +76,11 @@ MARGIN = 0.02  # the file must beat the paper's ratio by this much when the bits
 BITS = range(2, 9)  # per-layer choices; 8 bits is the paper's most (its conv layers)
 MAX_GAP_BITS = 12  # widths of the relative index tried for the fixed-width sizes
 ADAMW = {"batch_size": 128, "optimizer": "adamw"}
+# How pruning, retraining and centroid fine-tuning learn. "hard": the paper's, on the
+# labels. "distill": from the dense net as well (soft targets at T, plus the labels at
+# HARD_WEIGHT), on the same train split: slimkit's recovery path. Chosen with --recovery.
+RECOVERY = {"hard": [LossTerm(kind="hard_ce")],
+            "distill": [LossTerm(kind="soft_kl", temperature=4.0, weight=1.0), LossTerm(kind="hard_ce", weight=0.5)]}
 
 
 def stop(patience: int) -> dict:
@@ -113,8 +123,12 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 20
             "loss": float(nn.functional.cross_entropy(logits, y))}
 
 
-def train(folder: Path, model: nn.Module, data: DistillData, budget: dict, val, test, on_step=None) -> dict:
-    """Train ``model`` with hard labels (or load it if this stage finished before); return its record."""
+def train(folder: Path, model: nn.Module, data: DistillData, budget: dict, val, test, on_step=None,
+          teacher: nn.Module | None = None) -> dict:
+    """Train ``model`` (or load it if this stage finished before); return its record.
+
+    With ``teacher``, it learns the teacher's soft targets as well as the labels
+    (``RECOVERY["distill"]``); without, the labels alone."""
     done = folder / "result.json"
     if done.exists():
         model.load_state_dict(load_file(str(folder / "model.safetensors")))
@@ -122,10 +136,11 @@ def train(folder: Path, model: nn.Module, data: DistillData, budget: dict, val, 
         return json.loads(done.read_text())
     settings = {k: v for k, v in budget.items() if k != "ramp"}
     es = settings.pop("early_stopping", None)
-    cfg = DistillConfig(losses=[LossTerm(kind="hard_ce")], seed=0, early_stopping=EarlyStopping(**es) if es else None,
-                        **settings)
+    losses = RECOVERY["distill" if teacher is not None else "hard"]
+    cfg = DistillConfig(losses=losses, seed=0, early_stopping=EarlyStopping(**es) if es else None,
+                        cache_teacher=teacher is not None, **settings)
     cpu = time.process_time()
-    result = distill(None, model, data, cfg, checkpoint_dir=folder / "checkpoint", device="cpu",
+    result = distill(teacher, model, data, cfg, checkpoint_dir=folder / "checkpoint", device="cpu",
                      evaluate=lambda m: {f"val_{k}": v for k, v in evaluate(m, *val).items()},
                      progress=sys.stderr.isatty(), on_step=on_step)
     cpu = time.process_time() - cpu  # of this attempt only, if it resumed; on a busy machine, closer than wall time
@@ -238,8 +253,10 @@ def choose_bits(pruned: nn.Module, layers: list[str], budget_bytes: float, val, 
             "trace": trace}
 
 
-def compress_net(name: str, spec: dict, work: Path, data: DistillData, val, test, quick: bool) -> dict:
-    """All stages of one net; each is kept under ``work/name`` and loaded if it finished before."""
+def compress_net(name: str, spec: dict, work: Path, data: DistillData, val, test, quick: bool,
+                 recovery: str = "distill") -> dict:
+    """All stages of one net; each is kept under ``work/name`` and loaded if it finished before
+    (the stages after the dense net under ``work/name/recovery-RECOVERY``)."""
     folder = work / name
     keep = spec["keep"]
     layers = list(keep)
@@ -256,6 +273,8 @@ def compress_net(name: str, spec: dict, work: Path, data: DistillData, val, test
     dense = train(folder / "dense", model, data, budgets["dense"], val, test)
     print(f"{name} dense: test accuracy {100 * dense['test_accuracy']:.2f}%, "
           f"{dense['seconds_per_epoch']:.1f} s per epoch", file=sys.stderr)
+    teacher = copy.deepcopy(model).eval() if recovery == "distill" else None
+    folder = folder / f"recovery-{recovery}"
 
     # Prune gradually while training (masks updated about four times an epoch), then
     # retrain with the masks held; early stopping only in the second run, so that the
@@ -267,8 +286,8 @@ def compress_net(name: str, spec: dict, work: Path, data: DistillData, val, test
         for pruner in pruners:
             pruner(step, m)
 
-    prune_rec = train(folder / "prune", model, data, budgets["prune"], val, test, on_step=prune_step)
-    retrain = train(folder / "retrain", model, data, budgets["retrain"], val, test)
+    prune_rec = train(folder / "prune", model, data, budgets["prune"], val, test, on_step=prune_step, teacher=teacher)
+    retrain = train(folder / "retrain", model, data, budgets["retrain"], val, test, teacher=teacher)
     make_permanent_(model)
     kept = {n: int((model.get_submodule(n).weight != 0).sum()) for n in layers}
     pruned_size = counted_size(model, layers)
@@ -285,7 +304,7 @@ def compress_net(name: str, spec: dict, work: Path, data: DistillData, val, test
         write_json(plan_file, plan)
     cluster_(model, ClusterConfig(layer_bits=plan["bits"], layers=LayerSelector(targets=layers)))
     oneshot_val = evaluate(model, *val)["accuracy"]
-    finetune = train(folder / "finetune", model, data, budgets["finetune"], val, test)
+    finetune = train(folder / "finetune", model, data, budgets["finetune"], val, test, teacher=teacher)
     quantized_size = counted_size(model, layers)
 
     path = folder / f"{name}.skwc"
@@ -344,6 +363,9 @@ def main() -> int:
     p.add_argument("--work", type=Path, help="where trained stages are kept for resuming (default .bench-work/deep_compression)")
     p.add_argument("--net", choices=["all", *NETS], default="all",
                    help="compress one net only and print its results (no result file)")
+    p.add_argument("--recovery", choices=sorted(RECOVERY), default="distill",
+                   help="how the pruned and clustered nets learn: from the labels (the paper's 'hard') or also "
+                        "from the dense net's soft targets ('distill')")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     if args.quick and args.out is None:
@@ -363,7 +385,7 @@ def main() -> int:
     test = (torch.from_numpy(data.test_x), torch.from_numpy(data.test_y))
 
     names = list(NETS) if args.net == "all" else [args.net]
-    results = {n: compress_net(n, NETS[n], work, train_data, val, test, args.quick) for n in names}
+    results = {n: compress_net(n, NETS[n], work, train_data, val, test, args.quick, args.recovery) for n in names}
     if args.net != "all":
         r = results[args.net]
         print(json.dumps({"rows": r["rows"], "bits": r["bits"], "ratio": r["ratio"],
@@ -376,7 +398,8 @@ def main() -> int:
              "note": "bytes of rows 2-3 counted (fixed-width codes and indices, 32-bit biases); row 4 is the "
                      "file on disk; test error of row 4 is the decoded file's"}
     body = {"quick": args.quick, "dataset": "fashion-mnist", "train_size": len(ty), "val_size": len(val_y),
-            "test_size": len(data.test_y), "margin": MARGIN, "table": table, "nets": results}
+            "test_size": len(data.test_y), "margin": MARGIN, "recovery": args.recovery,
+            "recovery_losses": [t.model_dump() for t in RECOVERY[args.recovery]], "table": table, "nets": results}
     targets = (
         [target(f"{n}_dense_test_accuracy", 100 * results[n]["dense"]["test_accuracy"], ">=",
                 NETS[n]["accuracy_floor"], "%") for n in names]
