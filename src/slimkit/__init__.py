@@ -6,8 +6,7 @@ does not load torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from slimkit.lazy import lazy_getattr
 
 __version__ = "0.1.0"
 
@@ -26,8 +25,4 @@ _EXPORTS = {
 
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'slimkit' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

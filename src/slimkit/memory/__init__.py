@@ -7,8 +7,7 @@ The names below are imported on first use, so ``import slimkit.memory`` stays ch
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from slimkit.lazy import lazy_getattr
 
 _EXPORTS = {
     "profile": "slimkit.memory.profiler",
@@ -29,8 +28,4 @@ _EXPORTS = {
 
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'slimkit.memory' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
