@@ -71,7 +71,7 @@ class CheckpointConfig(SlimConfig):
             inputs and runs its whole forward again. ``selective`` also keeps the output
             of every matrix multiplication that contracts a dimension at least twice as
             wide as the one it produces (in a transformer layer, the FFN's down
-            projection: a quarter of the layer's arithmetic for one hidden-sized tensor),
+            projection: a third of the layer's arithmetic for one hidden-sized tensor),
             so the recompute skips them: a little more memory for a cheaper backward.
             Planning to a ``budget`` measures full recomputation, so it needs ``full``.
     """
