@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 from torch.utils.checkpoint import checkpoint as _torch_checkpoint
 
+from slimkit.batches import call_with
 from slimkit.config import LayerSelector, SlimConfig
 from slimkit.errors import ConfigError, LayerSelectionError, SlimkitError
 from slimkit.layers import select_names
@@ -936,16 +937,8 @@ def _trace(
 # -- helpers ----------------------------------------------------------------------------
 
 
-def _call(model: nn.Module, batch: Batch) -> Any:
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
-
-
 def _loss(model: nn.Module, batch: Batch, loss_fn: LossFn) -> torch.Tensor:
-    loss = loss_fn(_call(model, batch))
+    loss = loss_fn(call_with(model, batch))
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
         got = f"a tensor of shape {list(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
         raise SlimkitError(f"loss_fn must return a scalar tensor that depends on the model's parameters; got {got}"

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimkit.batches import to_device
 from slimkit.errors import SlimkitError
 from slimkit.memory.cuda_allocator import AllocatorWatch
 from slimkit.memory.storage_tracker import StorageTracker, tensors_in
@@ -244,17 +245,7 @@ def _call_args(inputs: Any, device: torch.device) -> tuple[tuple, dict]:
         args, kwargs = tuple(inputs), {}
     else:
         args, kwargs = (inputs,), {}
-    return _to(args, device), _to(kwargs, device)
-
-
-def _to(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to(v, device) for v in obj)
-    return obj
+    return to_device(args, device), to_device(kwargs, device)
 
 
 def _named_inputs(args: tuple, kwargs: dict) -> list[tuple[str, torch.Tensor]]:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimkit.batches import call_with, to_device
 from slimkit.errors import ConfigError
 from slimkit.modes import eval_mode
 from slimkit.prune.channels import ChannelGroup, Member
@@ -149,12 +150,12 @@ def taylor_importance(
             for p in plist:
                 p.requires_grad_(True)
             for batch in batches:
-                batch = _to_device(batch, device)
+                batch = to_device(batch, device)
                 with torch.enable_grad():
                     if loss_fn is not None:
                         loss = loss_fn(model, batch)
                     else:
-                        out = _call(model, batch)
+                        out = call_with(model, batch)
                         if not isinstance(out, torch.Tensor):
                             raise ConfigError(
                                 f"importance 'taylor': the model returns {type(out).__name__}, not a tensor; "
@@ -187,21 +188,3 @@ def _per_channel(t: torch.Tensor, member: Member, size: int) -> torch.Tensor:
     """Sum ``t`` (shaped like the member's parameter) over everything but the group's channels."""
     rows = t.movedim(member.dim, 0)[member.offset : member.offset + size * member.block]
     return rows.reshape(size, -1).sum(1)
-
-
-def _call(model: nn.Module, batch: Any) -> Any:
-    if isinstance(batch, dict):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch
