@@ -97,21 +97,16 @@ def test_screenshot_is_not_blank(report, tmp_path):
     assert len(data) > 10_000
 
 
-def test_report_with_distillation_passes_its_self_check(tmp_path):
-    from test_html import with_training
+@pytest.mark.parametrize("section, ids", [
+    ("with_training", ["plot-training", "training-table"]),
+    ("with_pruning", ["plot-sensitivity-0", "pruning-table-0"]),
+])
+def test_report_with_an_optional_section_passes_its_self_check(section, ids, tmp_path):
+    import test_html
 
     page = tmp_path / "report.html"
-    render_report(with_training(json.loads(SAMPLE.read_text())), page)
+    render_report(getattr(test_html, section)(json.loads(SAMPLE.read_text())), page)
     dom = chromium(tmp_path, page, "--dump-dom")
     assert selfcheck(dom) == "ok"
-    assert 'id="plot-training"' in dom and 'id="training-table"' in dom
-
-
-def test_report_with_a_pruning_sensitivity_passes_its_self_check(tmp_path):
-    from test_html import with_pruning
-
-    page = tmp_path / "report.html"
-    render_report(with_pruning(json.loads(SAMPLE.read_text())), page)
-    dom = chromium(tmp_path, page, "--dump-dom")
-    assert selfcheck(dom) == "ok"
-    assert 'id="plot-sensitivity-0"' in dom and 'id="pruning-table-0"' in dom
+    for element in ids:
+        assert f'id="{element}"' in dom
