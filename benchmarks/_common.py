@@ -10,6 +10,13 @@ from slimkit.atomic import write_json
 from slimkit.runner import machine_info
 
 RESULTS = Path(__file__).resolve().parent / "results"
+WORK = Path(__file__).resolve().parents[1] / ".bench-work"
+
+
+def work_folder(name: str, quick: bool, given: Path | None) -> Path:
+    """Where a benchmark keeps what it trained, for resuming: ``given``, else
+    ``.bench-work/NAME`` (``NAME_quick`` for quick runs, so they never mix)."""
+    return given or WORK / (f"{name}_quick" if quick else name)
 
 
 def git_commit() -> str | None:

@@ -59,7 +59,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import target, write_result  # noqa: E402
+from _common import target, work_folder, write_result  # noqa: E402
 
 from slimkit.atomic import write_json, write_with  # noqa: E402
 from slimkit.compress import ClusterConfig, cluster_, decode, describe, encode  # noqa: E402
@@ -372,8 +372,7 @@ def main() -> int:
     args = p.parse_args()
     if args.quick and args.out is None:
         p.error("--quick results are not benchmark results: give --out PATH")
-    root = Path(__file__).resolve().parents[1]
-    work = args.work or root / ".bench-work" / ("deep_compression_quick" if args.quick else "deep_compression")
+    work = work_folder("deep_compression", args.quick, args.work)
     torch.set_num_threads(args.threads)
 
     data = load_fashion_mnist()

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import target, write_result  # noqa: E402
+from _common import target, work_folder, write_result  # noqa: E402
 
 from slimkit import serialize  # noqa: E402
 from slimkit.atomic import write_json  # noqa: E402
@@ -87,8 +87,7 @@ def main() -> int:
     args = p.parse_args()
     if args.quick and args.out is None:
         p.error("--quick results are not benchmark results: give --out PATH")
-    root = Path(__file__).resolve().parents[1]
-    work = args.work or root / ".bench-work" / ("distill_minilm_quick" if args.quick else "distill_minilm")
+    work = work_folder("distill_minilm", args.quick, args.work)
     torch.set_num_threads(args.train_threads)
 
     teacher = load_model("minilm-l6")

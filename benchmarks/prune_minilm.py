@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import target, write_result  # noqa: E402
+from _common import target, work_folder, write_result  # noqa: E402
 from bert_int8 import OUTPUT as BEST_INT8  # noqa: E402
 from bert_int8 import RECIPE as BERT_INT8  # noqa: E402
 
@@ -185,8 +185,7 @@ def main() -> int:
         p.error("--quick results are not benchmark results: give --out PATH")
     if (args.heads is None) != (args.ffn is None):
         p.error("give both --heads and --ffn, or neither (the shape phase then chooses)")
-    root = Path(__file__).resolve().parents[1]
-    work = args.work or root / ".bench-work" / ("prune_minilm_quick" if args.quick else "prune_minilm")
+    work = work_folder("prune_minilm", args.quick, args.work)
     torch.set_num_threads(args.threads)
 
     # 1. shape

@@ -60,7 +60,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import target, write_result  # noqa: E402
+from _common import target, work_folder, write_result  # noqa: E402
 
 import slimkit  # noqa: E402
 from slimkit.atomic import write_json  # noqa: E402
@@ -451,8 +451,7 @@ def main() -> int:
     args = p.parse_args()
     if args.quick and args.out is None:
         p.error("--quick results are not benchmark results: give --out PATH")
-    root = Path(__file__).resolve().parents[1]
-    work = args.work or root / ".bench-work" / (f"{NAME}_quick" if args.quick else NAME)
+    work = work_folder(NAME, args.quick, args.work)
     torch.set_num_threads(args.threads)
     meter = Meter()
 
