@@ -6,6 +6,7 @@ import copy
 import json
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -222,6 +223,10 @@ def test_exported_pruned_model_matches_pytorch_under_onnx_runtime(tmp_path, opti
     (out,) = session.run(None, {k: v.numpy() for k, v in b.items()})
     torch.testing.assert_close(torch.from_numpy(out), run(model.module, b), rtol=0, atol=1e-5)
     assert head_counts(model.module) == [2, 3, 1], "export leaves the model as it was"
+    if optimize == "auto":  # attention fused per layer; residual adds kept apart from their layer norms
+        ops = [n.op_type for n in onnx.load(str(onnx_model.path)).graph.node]
+        assert ops.count("Attention") == 3 and ops.count("LayerNormalization") == 6
+        assert "SkipLayerNormalization" not in ops
 
 
 def test_per_layer_and_global_scope_choose_differently():

@@ -26,7 +26,9 @@ class ExportConfig(SlimConfig):
         opset: ONNX opset version.
         optimize: ``auto`` fuses attention, GELU and layer norms with ONNX Runtime's
             transformer optimizer when the model is a BERT-family encoder (about 15%
-            faster after int8 quantization); ``none`` keeps the exported graph.
+            faster after int8 quantization); ``none`` keeps the exported graph. The
+            residual additions stay apart from their layer norms (see
+            :data:`slimkit.deploy.ort_runtime.DISABLED_FUSIONS`).
     """
 
     kind = "export"
@@ -83,10 +85,16 @@ def export(model: LoadedModel, config: ExportConfig | None = None, workdir: Path
         )
     hf = model.spec.get("hf_config", {})
     if config.optimize == "auto" and hf.get("model_type") in FUSABLE_MODEL_TYPES:
+        from onnxruntime.transformers.fusion_options import FusionOptions
         from onnxruntime.transformers.optimizer import optimize_model
 
+        fusions = FusionOptions("bert")
+        # Add + LayerNormalization runs faster than the fused SkipLayerNormalization
+        # kernel on CPU; ort_runtime.DISABLED_FUSIONS says why and by how much.
+        fusions.enable_skip_layer_norm = fusions.enable_bias_skip_layer_norm = False
         opt = optimize_model(
-            str(path), model_type="bert", num_heads=hf["num_attention_heads"], hidden_size=hf["hidden_size"]
+            str(path), model_type="bert", num_heads=hf["num_attention_heads"], hidden_size=hf["hidden_size"],
+            optimization_options=fusions,
         )
         _per_layer_heads(opt.model.graph, hf["hidden_size"] // hf["num_attention_heads"])
         fused = workdir / "model.fused.onnx"
