@@ -56,3 +56,13 @@ def test_deep_compression_quick(tmp_path):
     for name, net in redo["nets"].items():
         assert net["bit_choice"] == doc["nets"][name]["bit_choice"]
         assert net["finetune"] == doc["nets"][name]["finetune"]
+
+    # A kept stage trained under other budgets is refused, by name, and the result file is left alone.
+    record = work / "lenet_300_100" / "dense" / "result.json"
+    kept = json.loads(record.read_text())
+    kept["budgets"][0]["epochs"] += 1
+    record.write_text(json.dumps(kept))
+    refused = run(out, work, timeout=300)
+    assert refused.returncode != 0
+    assert f"{record.parent} was trained with other budgets" in refused.stderr
+    assert json.loads(out.read_text()) == redo
