@@ -39,7 +39,7 @@ lint: install
 	$(BIN)/ruff check src tests benchmarks
 
 test: install system lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=15
 
 bench: install
 	$(BIN)/python benchmarks/bert_int8.py

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from transformers import BertConfig, BertModel
 
 from slimkit.errors import ConfigError
-from slimkit.prune import prune_
+from slimkit.prune import heads, prune_
 from slimkit.prune.heads import LayerStructure, TransformerPruneConfig, encoder_layers
 from slimkit.prune.sensitivity import cost_of, ratios_for_budget
 from slimkit.prune.transformer_sensitivity import (
@@ -141,6 +143,26 @@ def test_prune_to_a_budget_chooses_per_layer_amounts_from_the_sensitivity():
     again = tiny_bert()
     prune_(again, result.config.replay_on(result.layers))
     assert [(x.num_heads, x.width) for x in encoder_layers(again)] == [(x.num_heads, x.width) for x in layers]
+
+
+def test_a_budget_with_a_gradient_importance_scores_once_and_keeps_the_best(monkeypatch):
+    # Counted wherever it is called from (slimkit.prune exports a function named like the
+    # sensitivity module, hence sys.modules).
+    calls = []
+    real = heads.gradient_scores
+    for module in (heads, sys.modules[transformer_sensitivity.__module__]):
+        monkeypatch.setattr(module, "gradient_scores", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = tiny_bert()
+    cfg = TransformerPruneConfig(budget={"keep": 0.8, "ratios": [0.25, 0.5, 0.75], "batches": 1}, importance="taylor")
+    result = prune_(model, cfg, calibration=[batch()])
+    assert len(calls) == 1  # one backward pass per calibration batch, not one for the analysis and another to prune
+    # The heads kept are the best-ranked of each layer: the same as asking for their counts.
+    counts = {i: LayerStructure(heads=len(s.heads) if s.heads is not None else None, ffn=s.ffn)
+              for i, s in result.config.kept.items()}
+    again = tiny_bert()
+    replay = prune_(again, TransformerPruneConfig(kept=counts, importance="taylor"), calibration=[batch()])
+    assert replay.config.kept == result.config.kept
+    torch.testing.assert_close(again(**batch()).last_hidden_state, model(**batch()).last_hidden_state, rtol=0, atol=0)
 
 
 def test_a_budget_needs_calibration_and_excludes_fractions():

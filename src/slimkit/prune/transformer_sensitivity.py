@@ -109,6 +109,15 @@ def transformer_sensitivity(
     if problems:
         raise ConfigError(problems)
     scores = _scores(model, found, importance, calibration, loss_fn, seed)
+    return _analyse(model, evaluate, ratios, chosen, parts, scores, importance, min_heads_per_layer, higher_is_better)
+
+
+def _analyse(model: nn.Module, evaluate: Callable[[nn.Module], float], ratios: list[float], chosen: list[int],
+             parts: Sequence[str], scores: Mapping[str, list[torch.Tensor]], importance: str,
+             min_heads_per_layer: int, higher_is_better: bool) -> dict[str, Any]:
+    """:func:`transformer_sensitivity` once its arguments are checked and the heads and
+    neurons are ranked (``scores``, as :func:`_scores` gives them)."""
+    found = encoder_layers(model)
     baseline = float(evaluate(model))
     result: dict[str, Any] = {
         "baseline": baseline, "ratios": ratios, "higher_is_better": higher_is_better,
@@ -134,9 +143,9 @@ def transformer_sensitivity(
 
 
 def _scores(model: nn.Module, layers: list[EncoderLayer], importance: str, calibration, loss_fn,
-            seed: int) -> dict[str, list[torch.Tensor]]:
+            seed: int, calibration_batches: int = 32) -> dict[str, list[torch.Tensor]]:
     if importance in GRADIENT_METHODS:
-        config = TransformerPruneConfig(importance=importance, seed=seed)
+        config = TransformerPruneConfig(importance=importance, seed=seed, calibration_batches=calibration_batches)
         batches = _calibration_batches(model, calibration, config)
         heads, neurons = gradient_scores(model, layers, importance, batches, loss_fn, None, seed)
     else:
@@ -198,13 +207,15 @@ def config_for_budget(choice: Mapping[str, Any], importance: str = "l1", **field
     return TransformerPruneConfig(importance=importance, kept=_kept(choice), **fields)
 
 
-def _kept(choice: Mapping[str, Any]) -> dict[int, LayerStructure]:
+def _kept(choice: Mapping[str, Any], scores: Mapping[str, list[torch.Tensor]] | None = None
+          ) -> dict[int, LayerStructure]:
     """Per layer, how many heads and neurons a budget choice keeps (groups it does not
-    prune stay whole)."""
-    kept: dict[int, dict[str, int]] = {}
+    prune stay whole); with ``scores``, which ones: the best of each group."""
+    kept: dict[int, dict[str, int | list[int]]] = {}
     for key in choice["ratios"]:
         layer, part = _parse(key)
-        kept.setdefault(layer, {})[part] = int(choice["kept"][key])
+        n = int(choice["kept"][key])
+        kept.setdefault(layer, {})[part] = n if scores is None else _keep_best(scores[part][layer], n)
     return {i: LayerStructure(**v) for i, v in kept.items()}
 
 
@@ -244,10 +255,13 @@ def kept_for_budget(model: nn.Module, config: TransformerPruneConfig, calibratio
                           "calibration=[input dicts, ...] to prune_ (a recipe passes train sentences)")
     calibration = list(calibration)
     batches = _calibration_batches(model, calibration, config.model_copy(update={"calibration_batches": budget.batches}))
-    sens = transformer_sensitivity(
-        model, embedding_cosine(model, batches), budget.ratios, importance=config.importance,
-        min_heads_per_layer=config.min_heads_per_layer, calibration=calibration, loss_fn=loss_fn, seed=config.seed)
+    layers = encoder_layers(model)
+    # Ranked once: the analysis and the final choice keep the same heads and neurons, and
+    # gradient importances (a backward pass per calibration batch) are not computed twice.
+    scores = _scores(model, layers, config.importance, calibration, loss_fn, config.seed, config.calibration_batches)
+    sens = _analyse(model, embedding_cosine(model, batches), [float(r) for r in budget.ratios], list(range(len(layers))),
+                    PARTS, scores, config.importance, config.min_heads_per_layer, True)
     costs = transformer_costs(model, budget.cost, budget.seq_len)
     choice = ratios_for_budget(sens, costs, budget.keep)
-    return _kept(choice), {"kind": "sensitivity", "metric": "embedding cosine to the unpruned model (calibration data)",
+    return _kept(choice, scores), {"kind": "sensitivity", "metric": "embedding cosine to the unpruned model (calibration data)",
                        "sensitivity": sens, "choice": choice}
