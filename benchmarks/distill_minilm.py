@@ -144,7 +144,8 @@ def main() -> int:
         ],
         "measure": {"batch_sizes": [1], "seq_len": 128, "threads": 2,
                     "rounds": 25 if not args.quick else 1, "iters": 5 if not args.quick else 1, "warmup": 5,
-                    "energy": False},
+                    # Peak memory is not a target here: the quick run skips its child processes.
+                    "energy": False, "memory": not args.quick},
     }
     with tempfile.TemporaryDirectory(prefix="slimkit-bench-") as tmp:
         folder = run(Recipe.from_dict(recipe), Path(tmp) / "run", progress=sys.stderr.isatty())

@@ -95,8 +95,9 @@ CALIBRATION = {"images": 512, "batch_size": 64, "seed": 1}
 # agreement falls as pruning grows (without recovery MobileNetV2 degrades fast).
 IMAGENET_LADDER = [0.25, 0.5, 1.0]
 LATENCY = {"rounds": 21, "iters": 30, "warmup": 5}
-QUICK = {"train": 768, "val": 256, "test": 1000, "images_per_eval": 384, "max_images": 768,
-         "sensitivity_images": 128, "calibration_images": 128, "sensitivity_ratios": [0.5], "latency": {"rounds": 5, "iters": 10, "warmup": 2}}
+# Evaluations were most of a quick run's time: one per training stage, on few images.
+QUICK = {"train": 768, "val": 128, "test": 500, "images_per_eval": 768, "max_images": 768,
+         "sensitivity_images": 64, "calibration_images": 128, "sensitivity_ratios": [0.5], "latency": {"rounds": 5, "iters": 10, "warmup": 2}}
 EVAL_BATCH = 100
 
 # Photographs that ship inside scikit-image's wheel (read by path, so nothing is fetched).

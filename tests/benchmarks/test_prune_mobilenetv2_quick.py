@@ -33,7 +33,7 @@ def test_prune_mobilenetv2_quick(tmp_path):
     assert {"machine", "versions", "command", "git_commit"} <= set(doc)
     assert [t["name"] for t in doc["targets"]] == ["finetuned_test_accuracy", "macs_ratio", "ort_latency_ratio", "accuracy_drop"]
     assert all(isinstance(t["value"], float) for t in doc["targets"])
-    assert doc["label_names"][9] == "Ankle boot" and doc["test_size"] == 1000
+    assert doc["label_names"][9] == "Ankle boot" and doc["test_size"] == 500
 
     # The plan meets the MACs budget exactly as predicted, with every width a multiple of 8,
     # and the classifier's outputs untouched.

@@ -278,3 +278,23 @@ def test_static_int8_writes_trained_ranges_into_a_model_with_external_weights(tm
     with torch.no_grad():
         ref = source.module(x).numpy()
     assert float(cosine_rows(ref, run_onnx(model.path, x)).min()) >= 0.99
+
+
+def test_dynamic_fallback_scores_layers_on_fallback_samples_inputs(exported, monkeypatch):
+    from slimkit.quantize import sensitivity
+
+    seen = []
+    real = sensitivity.linear_sensitivity
+
+    def spy(module, names, calibration, per_channel=True, samples=32):
+        seen.append((sorted(names), samples))
+        return real(module, names, calibration, per_channel, samples)
+
+    monkeypatch.setattr(sensitivity, "linear_sensitivity", spy)
+    module, example = mlp()
+    source = LoadedModel(module, dict(SPEC_MLP), example_inputs=example)
+    feeds = [{"input": inputs(4, seed=i).numpy()} for i in range(8)]
+    layers = quantize_(exported, OrtDynamicInt8Config(fallback_layers=1, fallback_samples=3), calibration=feeds,
+                       source=source)
+    assert seen == [(["0", "2"], 3)]
+    assert len(layers) == 1 and op_types(exported.path).count("MatMulInteger") == 1

@@ -34,6 +34,8 @@ class OrtDynamicInt8Config(SlimConfig):
             the output most, scored on the PyTorch model before export with calibration
             data from the train split (a fused attention node stays fp32 if any of its
             query/key/value projections is chosen).
+        fallback_samples: how many calibration inputs score each layer for
+            ``fallback_layers`` (one forward pass per input and layer).
     """
 
     kind = "quantize"
@@ -42,6 +44,7 @@ class OrtDynamicInt8Config(SlimConfig):
     quantize_embeddings: bool = True
     layers: LayerSelector = Field(default_factory=LayerSelector)
     fallback_layers: int = Field(0, ge=0)
+    fallback_samples: int = Field(32, ge=1)
 
 
 class OrtStaticInt8Config(SlimConfig):
@@ -129,7 +132,8 @@ def _with_fallback(graph, selector: LayerSelector, ops, config, calibration, sou
     onnx_layers = {node_layer_name(n.name, n.op_type) for n in graph.node if n.op_type in ops}
     linears = [n for n, m in source.module.named_modules() if isinstance(m, nn.Linear)]
     candidates = [n for n in linears if n in onnx_layers or n.rsplit(".", 1)[0] in onnx_layers]
-    scores = linear_sensitivity(source.module, candidates, calibration or [], config.per_channel)
+    scores = linear_sensitivity(source.module, candidates, calibration or [], config.per_channel,
+                                config.fallback_samples)
     ignore = list(selector.ignore)
     for name in most_sensitive(scores, config.fallback_layers):
         ignore.append(name if name in onnx_layers else name.rsplit(".", 1)[0])
