@@ -96,8 +96,8 @@ CALIBRATION = {"images": 512, "batch_size": 64, "seed": 1}
 IMAGENET_LADDER = [0.25, 0.5, 1.0]
 LATENCY = {"rounds": 21, "iters": 30, "warmup": 5}
 # Evaluations were most of a quick run's time: one per training stage, on few images.
-QUICK = {"train": 768, "val": 128, "test": 500, "images_per_eval": 768, "max_images": 768,
-         "sensitivity_images": 64, "calibration_images": 128, "sensitivity_ratios": [0.5], "latency": {"rounds": 5, "iters": 10, "warmup": 2}}
+QUICK = {"train": 384, "val": 128, "test": 500, "images_per_eval": 384, "max_images": 384,
+         "sensitivity_images": 32, "calibration_images": 128, "sensitivity_ratios": [0.5], "latency": {"rounds": 5, "iters": 10, "warmup": 2}}
 EVAL_BATCH = 100
 
 # Photographs that ship inside scikit-image's wheel (read by path, so nothing is fetched).
