@@ -15,7 +15,7 @@ from torch import nn
 
 from slimkit.errors import ModelLoadError
 from slimkit.memory.shared_weights import MappingPool, empty_weights
-from slimkit.memory.store import CorruptObjectError, StoreError, WeightStore
+from slimkit.memory.store import MARKER, CorruptObjectError, StoreError, WeightStore
 from slimkit.zoo.models import load_model
 
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -227,6 +227,24 @@ for _ in range(3):
         written, repaired = written + r.objects_written, repaired + r.objects_repaired
 print(written, repaired)
 """
+
+
+def test_a_store_another_process_just_created_is_opened_not_refused(tmp_path, monkeypatch):
+    root = tmp_path / "store"
+    WeightStore(root, pool=MappingPool())  # the other process: its marker and subfolders are there
+    looks = []
+    real = Path.is_file
+
+    def late(path):  # our first look came just before the other creator's marker landed
+        if path.name == MARKER and not looks:
+            looks.append(path)
+            return False
+        return real(path)
+
+    monkeypatch.setattr(Path, "is_file", late)
+    store = WeightStore(root, pool=MappingPool())
+    assert looks == [root / MARKER] and store.root == root and sorted(p.name for p in root.iterdir()) == [
+        "models", "objects", MARKER, "tmp"]
 
 
 def test_two_concurrent_writers_leave_no_corrupt_object(tmp_path):

@@ -190,10 +190,13 @@ class WeightStore:
             # A concurrent creator may be writing the marker (a hidden temporary file).
             others = [p.name for p in self.root.iterdir() if not p.name.startswith(f".{MARKER}.")] \
                 if self.root.is_dir() else []
-            if others:
+            # Checked again after listing: a concurrent creator renames its marker into place
+            # before it makes the subfolders, so what it made is never mistaken for a stranger's.
+            if others and not marker.is_file():
                 raise StoreError(f"{self.root} is a non-empty folder but not a weight store (no {MARKER}); "
                                  "give an empty or new folder")
-            write_json(marker, {"format": FORMAT, "format_version": FORMAT_VERSION})
+            if not marker.is_file():
+                write_json(marker, {"format": FORMAT, "format_version": FORMAT_VERSION})
         try:
             doc = json.loads(marker.read_text())
         except json.JSONDecodeError as e:
