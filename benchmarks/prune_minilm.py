@@ -2,9 +2,10 @@
 removed, recovered by distillation, then int8.
 
 1. shape: how much to remove. The (heads, FFN) fractions of SHAPE_CANDIDATES, from the
-   least pruning up, are pruned (l1: the shape alone sets the speed) and timed at batch 1, sequence 128, in fp32 and as
-   slimkit-int8 against the unpruned fp32 model; the least pruning whose ratios stay a
-   margin under the targets (0.6x fp32, 0.2x int8) is kept. --heads/--ffn skip this.
+   least pruning up, are pruned (l1: the shape alone sets the speed) and timed at batch 1,
+   sequence 128, in fp32 and as slimkit-int8 against the unpruned fp32 model; the least
+   pruning whose ratios stay a margin under the targets (0.6x fp32, 0.2x int8) is kept.
+   --heads/--ffn skip this.
 2. pilot: which heads and neurons. Each importance (l1 per layer; taylor and michel per
    layer and global, scored on train texts) prunes the model, which then recovers for a
    few steps; the best cosine to the unpruned model on 500 held-out train texts wins.
