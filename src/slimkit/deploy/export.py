@@ -24,11 +24,10 @@ class ExportConfig(SlimConfig):
 
     Attributes:
         opset: ONNX opset version.
-        optimize: ``auto`` fuses attention, GELU and layer norms with ONNX Runtime's
-            transformer optimizer when the model is a BERT-family encoder (about 15%
-            faster after int8 quantization); ``none`` keeps the exported graph. The
-            residual additions stay apart from their layer norms (see
-            :data:`slimkit.deploy.ort_runtime.DISABLED_FUSIONS`).
+        optimize: ``auto`` fuses attention, GELU and the embeddings with ONNX Runtime's
+            transformer optimizer when the model is a BERT-family encoder; ``none`` keeps
+            the exported graph. The residual additions stay apart from their layer norms
+            (see :data:`slimkit.deploy.ort_runtime.DISABLED_FUSIONS`).
     """
 
     kind = "export"
