@@ -11,10 +11,13 @@ temperature are chosen on that validation split: train the candidates with --pha
 teacher (and --phase pilot for a temperature) and compare their best_val_accuracy,
 never their test errors.
 
-Each trained net is kept under --work, so an interrupted run continues where it stopped.
+Each trained net is kept under --work, so an interrupted run continues where it stopped,
+and the nets can be trained by several processes (--phase hard / distilled with --seeds;
+the accuracies are the target here, not timings), then gathered by the full run.
 
     python benchmarks/distill_hinton.py --phase teacher --teacher-inputs none   # one candidate teacher
     python benchmarks/distill_hinton.py --phase pilot --teacher-inputs none --temperature 4
+    python benchmarks/distill_hinton.py --phase hard --seeds 0 1 --threads 1   # some of the nets
     python benchmarks/distill_hinton.py --teacher-inputs none   # full run -> benchmarks/results/distill_hinton.json
     python benchmarks/distill_hinton.py --quick --out /tmp/q.json   # smoke run of the same code
 """
@@ -114,11 +117,20 @@ def train(name, work: Path, model, teacher, data, losses, seed, val, test, budge
     record = {"name": name, "seed": seed, "test_accuracy": acc, "test_errors": int(round((1 - acc) * len(test[1]))),
               "best_val_accuracy": result.best["value"] if result.best else None, "steps": result.steps,
               "stopped_early": result.stopped_early, "epochs_run": result.history[-1]["epoch"] + 1,
-              "train_seconds": time.time() - t0,
+              "train_seconds": time.time() - t0, "threads": torch.get_num_threads(),
               "val_curve": [[e["epoch"], e["val_accuracy"]] for e in result.evals]}
     write_with(folder / "model.safetensors", lambda p: save_file(dict(model.state_dict()), str(p)))
     write_json(done, record)
     return record
+
+
+def selection(work: Path, teacher_id: str, pilot_seed: int) -> dict:
+    """The candidates kept under ``work`` with the validation accuracy they were chosen on:
+    every teacher, and the pilot (first-seed) distilled net of each temperature."""
+    def best(pattern: str) -> dict:
+        return {f.parent.name: json.loads(f.read_text())["best_val_accuracy"] for f in sorted(work.glob(pattern))}
+    return {"teachers_best_val_accuracy": best("teacher_*/result.json"),
+            "temperatures_best_val_accuracy": best(f"small_distilled_{teacher_id}_T*_s{pilot_seed}/result.json")}
 
 
 def main() -> int:
@@ -126,9 +138,11 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="small subset, two epochs, two seeds")
     p.add_argument("--out", type=Path, help="result file (default benchmarks/results/distill_hinton.json)")
     p.add_argument("--work", type=Path, help="where trained nets are kept for resuming (default .bench-work/distill_hinton)")
-    p.add_argument("--phase", choices=["teacher", "pilot", "all"], default="all",
+    p.add_argument("--phase", choices=["teacher", "pilot", "hard", "distilled", "all"], default="all",
                    help="teacher: stop after the teacher; pilot: also train the seed-0 distilled net and print its "
-                        "validation accuracy, to choose --temperature on the validation split")
+                        "validation accuracy, to choose --temperature on the validation split; hard / distilled: "
+                        "train only those small nets (of --seeds) and stop; all: train what is missing and write the result")
+    p.add_argument("--seeds", type=int, nargs="+", help=f"with --phase hard or distilled: which seeds (default {SEEDS})")
     p.add_argument("--teacher-inputs", choices=sorted(TEACHER_INPUTS), default="flip",
                    help="how the teacher's training images are varied (chosen on the validation split)")
     p.add_argument("--teacher-dropout", type=float, default=0.5,
@@ -136,7 +150,9 @@ def main() -> int:
     p.add_argument("--temperature", type=float, default=TEMPERATURE, help="of the soft targets (the paper's: 20)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
-    if args.quick and args.out is None:
+    if args.seeds is not None and args.phase not in ("hard", "distilled"):
+        p.error("--seeds picks nets for --phase hard or distilled; the full run trains or gathers every seed")
+    if args.quick and args.out is None and args.phase == "all":
         p.error("--quick results are not benchmark results: give --out PATH")
     work = work_folder("distill_hinton", args.quick, args.work)
     torch.set_num_threads(args.threads)
@@ -151,7 +167,7 @@ def main() -> int:
     val = (flat(val_x), torch.from_numpy(val_y))
     test = (flat(data.test_x), torch.from_numpy(data.test_y))
     budget = dict(BUDGET, epochs=QUICK["epochs"]) if args.quick else BUDGET
-    seeds = QUICK["seeds"] if args.quick else SEEDS
+    seeds = args.seeds or (QUICK["seeds"] if args.quick else SEEDS)
 
     hard = [LossTerm(kind="hard_ce")]
     # The paper's recipe: soft targets at T = 20 (their gradients scaled by T^2), plus the
@@ -159,7 +175,16 @@ def main() -> int:
     soft = [LossTerm(kind="soft_kl", temperature=args.temperature, weight=1.0), LossTerm(kind="hard_ce", weight=0.1)]
 
     # Nets are kept under names that say how they were made, so candidates never collide.
-    teacher_id = args.teacher_inputs + ("" if args.teacher_dropout == 0.5 else f"_p{args.teacher_dropout:g}")
+    teacher_id = f"{args.teacher_inputs}_p{args.teacher_dropout:g}"
+
+    def hard_net(seed: int) -> dict:
+        torch.manual_seed(100 + seed)
+        return train(f"small_hard_s{seed}", work, small_net(), None, train_data, hard, seed, val, test, budget)
+
+    if args.phase == "hard":  # needs no teacher
+        for seed in seeds:
+            print(json.dumps({k: v for k, v in hard_net(seed).items() if k != "val_curve"}))
+        return 0
     torch.manual_seed(0)
     teacher = teacher_net(args.teacher_inputs, args.teacher_dropout)
     t_rec = train(f"teacher_{teacher_id}", work, teacher, None, train_data, hard, 0, val, test, budget)
@@ -167,20 +192,24 @@ def main() -> int:
     if args.phase == "teacher":
         print(json.dumps({k: v for k, v in t_rec.items() if k != "val_curve"}, indent=1))
         return 0
-    def distilled_name(seed: int) -> str:
-        return f"small_distilled_{teacher_id}_T{args.temperature:g}_s{seed}"
+
+    def distilled_net(seed: int) -> dict:
+        torch.manual_seed(100 + seed)  # the same initial weights as the hard-label net of this seed
+        return train(f"small_distilled_{teacher_id}_T{args.temperature:g}_s{seed}", work, small_net(), teacher,
+                     train_data, soft, seed, val, test, budget)
 
     if args.phase == "pilot":
-        torch.manual_seed(100 + seeds[0])
-        rec = train(distilled_name(seeds[0]), work, small_net(), teacher, train_data, soft, seeds[0], val, test, budget)
+        rec = distilled_net(seeds[0])
         print(json.dumps({"temperature": args.temperature, "best_val_accuracy": rec["best_val_accuracy"]}))
+        return 0
+    if args.phase == "distilled":
+        for seed in seeds:
+            print(json.dumps({k: v for k, v in distilled_net(seed).items() if k != "val_curve"}))
         return 0
     hard_recs, kd_recs = [], []
     for seed in seeds:
-        torch.manual_seed(100 + seed)
-        hard_recs.append(train(f"small_hard_s{seed}", work, small_net(), None, train_data, hard, seed, val, test, budget))
-        torch.manual_seed(100 + seed)  # the same initial weights as the hard-label net of this seed
-        kd_recs.append(train(distilled_name(seed), work, small_net(), teacher, train_data, soft, seed, val, test, budget))
+        hard_recs.append(hard_net(seed))
+        kd_recs.append(distilled_net(seed))
 
     d = np.array([h["test_errors"] - k["test_errors"] for h, k in zip(hard_recs, kd_recs, strict=True)], dtype=float)
     mean_d = float(d.mean())
@@ -197,6 +226,7 @@ def main() -> int:
             "test_size": len(data.test_y), "temperature": args.temperature, "teacher_inputs": args.teacher_inputs,
             "teacher_dropout": args.teacher_dropout, "budget": budget, "table": table,
             "teacher": t_rec, "hard": hard_recs, "distilled": kd_recs,
+            "selection": selection(work, teacher_id, seeds[0]),
             "d_per_seed": d.tolist(), "mean_d": mean_d, "t_statistic": t_stat}
     targets = [
         target("teacher_test_accuracy", 100 * t_rec["test_accuracy"], ">=", 90.0, "%"),

@@ -36,17 +36,25 @@ def test_distill_hinton_quick(tmp_path):
     if not Path("/usr/share/datasets/fashion-mnist").is_dir() and not __import__("os").environ.get("CI"):
         pytest.skip("needs the Debian package dataset-fashion-mnist (make test installs it as root)")
     out = tmp_path / "distill_hinton.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "distill_hinton.py"), "--quick", "--out", str(out),
-                           "--work", str(tmp_path / "work")], capture_output=True, text=True, timeout=900)
+    script = [sys.executable, str(ROOT / "benchmarks" / "distill_hinton.py"), "--quick", "--work", str(tmp_path / "work")]
+    partial = subprocess.run([*script, "--seeds", "1"], capture_output=True, text=True)
+    assert partial.returncode == 2 and "--seeds picks nets for --phase hard or distilled" in partial.stderr
+    # One seed's hard-label net trained by a separate process is gathered by the full run.
+    one = subprocess.run([*script, "--phase", "hard", "--seeds", "1"], capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert json.loads(one.stdout)["name"] == "small_hard_s1" and not out.exists()
+    proc = subprocess.run([*script, "--out", str(out)], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads(out.read_text())
+    assert doc["hard"][1] == json.loads(one.stdout) | {"val_curve": doc["hard"][1]["val_curve"]}
+    assert list(doc["selection"]["teachers_best_val_accuracy"]) == ["teacher_flip_p0.5"]
+    assert list(doc["selection"]["temperatures_best_val_accuracy"]) == ["small_distilled_flip_p0.5_T20_s0"]
     assert doc["benchmark"] == "distill_hinton" and doc["quick"] is True and doc["test_size"] == 10_000
     assert [t["name"] for t in doc["targets"]] == ["teacher_test_accuracy", "hard_label_small_net_test_accuracy",
                                                  "mean_error_reduction_d", "paired_t_statistic"]
     assert len(doc["hard"]) == len(doc["distilled"]) == 2
     # Trained nets are kept: a second run resumes from them instead of training again.
-    again = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "distill_hinton.py"), "--quick", "--out", str(out),
-                            "--work", str(tmp_path / "work")], capture_output=True, text=True, timeout=300)
+    again = subprocess.run([*script, "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0
     assert json.loads(out.read_text())["hard"] == doc["hard"]
 
