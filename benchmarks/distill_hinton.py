@@ -15,10 +15,10 @@ Each trained net is kept under --work, so an interrupted run continues where it 
 and the nets can be trained by several processes (--phase hard / distilled with --seeds;
 the accuracies are the target here, not timings), then gathered by the full run.
 
-    python benchmarks/distill_hinton.py --phase teacher --teacher-inputs none   # one candidate teacher
-    python benchmarks/distill_hinton.py --phase pilot --teacher-inputs none --temperature 4
+    python benchmarks/distill_hinton.py --phase teacher --teacher-dropout 0.2   # one candidate teacher
+    python benchmarks/distill_hinton.py --phase pilot --teacher-dropout 0.2 --temperature 4
     python benchmarks/distill_hinton.py --phase hard --seeds 0 1 --threads 1   # some of the nets
-    python benchmarks/distill_hinton.py --teacher-inputs none   # full run -> benchmarks/results/distill_hinton.json
+    python benchmarks/distill_hinton.py --teacher-dropout 0.2 --temperature 4   # full run -> benchmarks/results/distill_hinton.json
     python benchmarks/distill_hinton.py --quick --out /tmp/q.json   # smoke run of the same code
 """
 
@@ -142,7 +142,7 @@ def main() -> int:
                    help="teacher: stop after the teacher; pilot: also train the seed-0 distilled net and print its "
                         "validation accuracy, to choose --temperature on the validation split; hard / distilled: "
                         "train only those small nets (of --seeds) and stop; all: train what is missing and write the result")
-    p.add_argument("--seeds", type=int, nargs="+", help=f"with --phase hard or distilled: which seeds (default {SEEDS})")
+    p.add_argument("--seeds", type=int, nargs="+", help="with --phase hard or distilled: which seeds (default: every seed)")
     p.add_argument("--teacher-inputs", choices=sorted(TEACHER_INPUTS), default="flip",
                    help="how the teacher's training images are varied (chosen on the validation split)")
     p.add_argument("--teacher-dropout", type=float, default=0.5,
