@@ -42,6 +42,7 @@ from _common import target, work_folder, write_result  # noqa: E402
 
 from slimkit.atomic import write_json, write_with  # noqa: E402
 from slimkit.distill import DistillConfig, DistillData, EarlyStopping, LossTerm, distill  # noqa: E402
+from slimkit.errors import DataError  # noqa: E402
 from slimkit.zoo.images import load_fashion_mnist  # noqa: E402
 from slimkit.zoo.mlp import MLP  # noqa: E402
 
@@ -157,7 +158,11 @@ def main() -> int:
     work = work_folder("distill_hinton", args.quick, args.work)
     torch.set_num_threads(args.threads)
 
-    data = load_fashion_mnist()
+    try:
+        data = load_fashion_mnist()
+    except DataError as err:  # the dataset is missing: say how to install it, no traceback
+        print(f"distill_hinton: {err}", file=sys.stderr)
+        return 2
     train_part, (val_x, val_y) = data.validation_split(VAL_SIZE if not args.quick else QUICK["val"], seed=0)
     tx, ty = train_part.train_x, train_part.train_y
     if args.quick:

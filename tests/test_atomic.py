@@ -10,7 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from slimkit.atomic import atomic_dir, atomic_path, write_bytes, write_json, write_text, write_with
+from slimkit.atomic import (
+    atomic_dir,
+    atomic_path,
+    recover_dir,
+    write_bytes,
+    write_json,
+    write_text,
+    write_with,
+)
 
 
 class Boom(Exception):
@@ -201,3 +209,17 @@ def test_files_get_the_usual_mode_even_when_the_writer_replaces_them(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert (tmp_path / "f").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_a_replace_killed_between_its_two_renames_is_recovered(tmp_path):
+    target, aside = tmp_path / "run", tmp_path / ".run.old"
+    aside.mkdir()
+    (aside / "old.txt").write_text("old")  # the previous result, set aside; the new one never moved in
+    recover_dir(target)
+    assert listing(tmp_path) == ["run"] and (target / "old.txt").read_text() == "old"
+    recover_dir(target)  # nothing to do once it is back
+    assert listing(target) == ["old.txt"]
+    aside.mkdir()
+    (aside / "stale.txt").write_text("x")
+    recover_dir(target)  # the directory exists: what is aside is not brought back over it
+    assert listing(target) == ["old.txt"]

@@ -85,6 +85,8 @@ def test_distilled_variant_records_its_training_and_the_report_shows_it(run_fold
     assert t["stage"] == 0 and t["train_texts"] == 100 and t["validation_texts"] == 20 and t["steps"] == 8
     assert len(t["history"]) == 8 and len(t["evals"]) == 2
     assert t["best"]["value"] > t["before"]["val_cosine"]
+    # The task's labels give every evaluation a task metric too (a head on the 100 training texts).
+    assert t["head_texts"] == 100 and all(0 <= e["val_accuracy"] <= 1 for e in [t["before"], *t["evals"]])
     assert t["parameters"]["student"] < 0.75 * t["parameters"]["teacher"]
     # Energy counts the 1-layer student's arithmetic, not the teacher's.
     fp32 = next(x for x in m["variants"] if x["name"] == "fp32")

@@ -6,6 +6,8 @@ does not load torch.
 
 from __future__ import annotations
 
+import importlib
+
 from slimkit.lazy import lazy_getattr
 
 __version__ = "0.1.0"
@@ -23,6 +25,12 @@ _EXPORTS = {
     "run": "slimkit.runner",
 }
 
-__all__ = list(_EXPORTS)
+__all__ = [*_EXPORTS, "distill"]
 
-__getattr__ = lazy_getattr(__name__, _EXPORTS)
+_lazy = lazy_getattr(__name__, _EXPORTS)
+
+
+def __getattr__(name: str):
+    if name == "distill":  # the package is the verb: slimkit.distill(teacher, student, data, config)
+        return importlib.import_module("slimkit.distill")
+    return _lazy(name)

@@ -56,6 +56,16 @@ def write_with(path: str | os.PathLike, writer: Callable[[Path], None]) -> None:
         writer(tmp)
 
 
+def recover_dir(path: str | os.PathLike) -> None:
+    """Put back the previous directory :func:`atomic_dir` set aside, if a process was
+    killed between moving it away and moving the new one in (``path`` is then missing
+    and only ``.NAME.old`` remains). Readers of such directories call this first."""
+    path = Path(path)
+    old = path.with_name(f".{path.name}.old")
+    if not path.exists() and old.is_dir():
+        os.replace(old, path)
+
+
 @contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Build a directory under a temporary name and move it into place on success.
@@ -65,6 +75,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(path)
     # Leftovers of a run that was killed outright (no chance to clean up) are removed
     # here; two runs into the same folder at once are not supported. mkdtemp's random
     # part is 8 characters, so a sibling such as NAME.int8 is never matched.

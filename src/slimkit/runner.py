@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import platform
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,9 +75,9 @@ class Variant:
 
 
 def apply_stages(model: LoadedModel, configs: list[SlimConfig], workdir: Path, calibration=None, *,
-                 train_texts: list[str] | None = None, checkpoints: Path | None = None, device: str = "cpu",
-                 progress: bool = False, training: list[dict[str, Any]] | None = None,
-                 pruning: list[dict[str, Any]] | None = None,
+                 train_texts: list[str] | None = None, train_labels: Sequence[int] | None = None,
+                 checkpoints: Path | None = None, device: str = "cpu", progress: bool = False,
+                 training: list[dict[str, Any]] | None = None, pruning: list[dict[str, Any]] | None = None,
                  ) -> tuple[LoadedModel | OnnxModel, LoadedModel]:
     """Apply ``configs`` in order to a copy of ``model``; an export stage turns it into ONNX.
 
@@ -87,7 +88,8 @@ def apply_stages(model: LoadedModel, configs: list[SlimConfig], workdir: Path, c
     large model costs its whole size in memory.
 
     A distill stage replaces the model by the student it trains (on ``train_texts``
-    unless the stage names a file), keeps resumable checkpoints under ``checkpoints``,
+    unless the stage names a file; ``train_labels`` add the task metric to its
+    evaluations), keeps resumable checkpoints under ``checkpoints``,
     and appends its training record to ``training``. A prune stage shrinks the model
     (scoring on ``calibration`` where its importance or its budget's sensitivity analysis
     needs data; the analysis is appended to ``pruning``), and the architecture returned
@@ -107,7 +109,8 @@ def apply_stages(model: LoadedModel, configs: list[SlimConfig], workdir: Path, c
             from slimkit.distill.stage import run_distill_stage
 
             folder = checkpoints / f"stage{i}" if checkpoints else None
-            current, record = run_distill_stage(current, cfg, train_texts, folder, device, progress, original=model)
+            current, record = run_distill_stage(current, cfg, train_texts, folder, device, progress, original=model,
+                                                train_labels=train_labels)
             record_transform(current.module, cfg, [])
             # Later stages change the student in place; the estimate needs it as trained.
             architecture = current.clone() if i < len(configs) - 1 else current
@@ -172,7 +175,7 @@ def run(recipe: Recipe, output: str | Path | None = None, progress: bool = True)
             training: list[dict[str, Any]] = []
             pruning: list[dict[str, Any]] = []
             built, architecture = apply_stages(
-                base, configs, folder / "work", calibration, train_texts=data.train_texts,
+                base, configs, folder / "work", calibration, train_texts=data.train_texts, train_labels=data.train_labels,
                 checkpoints=checkpoints / name, device=device, progress=progress, training=training,
                 pruning=pruning)
             v = Variant(name, built, configs, is_output, folder, architecture, training, pruning)

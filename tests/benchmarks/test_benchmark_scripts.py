@@ -1,6 +1,7 @@
 """Each benchmark script runs in its quick mode and writes a result in the shared format."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -31,9 +32,17 @@ def test_bert_int8_quick(tmp_path):
         assert res.returncode in (0, 1) and "targets met" in res.stdout
 
 
+def test_distill_hinton_without_the_dataset_says_how_to_install_it(tmp_path):
+    env = {**os.environ, "SLIMKIT_FASHION_MNIST": str(tmp_path / "missing")}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "distill_hinton.py"), "--phase", "hard"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "does not exist; install the Debian package dataset-fashion-mnist" in proc.stderr
+
+
 @pytest.mark.integration
 def test_distill_hinton_quick(tmp_path):
-    if not Path("/usr/share/datasets/fashion-mnist").is_dir() and not __import__("os").environ.get("CI"):
+    if not Path("/usr/share/datasets/fashion-mnist").is_dir() and not os.environ.get("CI"):
         pytest.skip("needs the Debian package dataset-fashion-mnist (make test installs it as root)")
     out = tmp_path / "distill_hinton.json"
     script = [sys.executable, str(ROOT / "benchmarks" / "distill_hinton.py"), "--quick", "--work", str(tmp_path / "work")]

@@ -50,3 +50,13 @@ def test_masked_positions_do_not_count(pair):
     b_masked_garbage[:, 3:] = 1e6  # padding positions: anything
     for fn in (L.mse, L.cosine):
         torch.testing.assert_close(fn(b_masked_garbage, a, mask), fn(b[:, :3], a[:, :3]))
+
+
+def test_cosine_on_feature_maps_compares_channel_vectors():
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.randn(2, 6, 3, 5, generator=g)
+    scale = torch.rand(2, 1, 3, 5, generator=g) + 0.5  # each position's channel vector rescaled: same direction
+    torch.testing.assert_close(L.cosine(teacher * scale, teacher), torch.tensor(0.0), atol=1e-6, rtol=0)
+    student = torch.randn(2, 6, 3, 5, generator=g)
+    per_position = 1 - torch.nn.functional.cosine_similarity(student.movedim(1, -1), teacher.movedim(1, -1), dim=-1)
+    torch.testing.assert_close(L.cosine(student, teacher), per_position.mean())

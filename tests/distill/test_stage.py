@@ -75,17 +75,22 @@ def test_stage_distils_minilm_and_a_rerun_resumes_from_its_checkpoint(tmp_path):
     from slimkit.zoo.tasks import load_task
 
     teacher = load_model("minilm-l6")
-    texts = load_task("rt-polarity").train_texts[:80]
+    task = load_task("rt-polarity")
+    texts, labels = task.train_texts[:80], task.train_labels[:80]
     cfg = stage(student={"layers": [5]}, texts={"limit": 80}, validation_texts=16, epochs=2, batch_size=16, lr=5e-4,
                 max_len=48, losses=[LossTerm(kind="output_cosine")])
-    student, record = run_distill_stage(teacher, cfg, texts, tmp_path / "ckpt", progress=False)
+    student, record = run_distill_stage(teacher, cfg, texts, tmp_path / "ckpt", progress=False, train_labels=labels)
     assert len(student.module.backbone.encoder.layer) == 1
     assert record["train_texts"] == 64 and record["validation_texts"] == 16 and record["steps"] == 8
     assert record["best"]["value"] > record["before"]["val_cosine"] + 0.01, record
+    # With labels, every evaluation also scores the task on the 16 held-out texts (a head on the 64 others).
+    assert record["head_texts"] == 64 and len(record["evals"]) == 2
+    assert all(round(16 * e["val_accuracy"]) == 16 * e["val_accuracy"] for e in [record["before"], *record["evals"]])
     assert record["parameters"]["student"] < record["parameters"]["teacher"]
     # The same stage again finds the finished checkpoint: no step is repeated, same weights.
     again, record2 = run_distill_stage(teacher, cfg, texts, tmp_path / "ckpt", progress=False)
     assert record2["steps"] == 8 and record2["history"] == record["history"]
+    assert record2["head_texts"] == 0 and "val_accuracy" not in record2["before"]  # no labels given this time
     for (name, a), b in zip(student.module.state_dict().items(), again.module.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 

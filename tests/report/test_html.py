@@ -217,6 +217,28 @@ def test_distilled_variant_gets_a_teacher_student_table_and_curves(metrics, tmp_
     assert "plot-training" in expected
 
 
+def test_teacher_student_from_scratch_and_distilled_student_in_one_table(metrics, tmp_path):
+    out = with_training(metrics)
+    (record,) = next(v for v in out["variants"] if v["is_output"])["training"]
+    for e, acc in zip(record["evals"], [0.70, 0.74, 0.76], strict=True):
+        e["val_accuracy"] = acc  # the task metric, as a stage with labelled texts records it
+    record["before"]["val_accuracy"] = 0.61
+    scratch = copy.deepcopy(record)
+    scratch["student"]["init"] = "random"
+    next(v for v in out["variants"] if v["name"] == "ort-dynamic-int8")["training"] = [scratch]
+    html = render(out, tmp_path)
+    table = re.search(r'<table id="training-table">.*?</table>', html, re.S).group(0)
+    rows = re.findall(r"<tr[^>]*>\s*<td>(.*?)</td><td>(.*?)</td>", table)
+    assert rows == [("fp32", "teacher"), ("ort-dynamic-int8", "student: layers [1, 3, 5], from scratch"),
+                    ("slimkit-int8", "student: layers [1, 3, 5], from the teacher")]
+    png = base64.b64decode(img_src(html, "plot-training").split(",", 1)[1])
+    width = int.from_bytes(png[16:20], "big")  # the IHDR chunk: three panels are wider than two
+    (tmp_path / "b").mkdir()
+    without_task = base64.b64decode(img_src(render(with_training(metrics), tmp_path / "b"), "plot-training").split(",", 1)[1])
+    assert width > 1.3 * int.from_bytes(without_task[16:20], "big")
+    assert "accuracy of a frozen head" in html
+
+
 def test_no_training_section_without_training(metrics, tmp_path):
     html = render(metrics, tmp_path)
     assert 'id="training-table"' not in html and "plot-training" not in html

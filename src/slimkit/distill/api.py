@@ -12,8 +12,6 @@ from slimkit.distill.config import DistillConfig
 from slimkit.distill.trainer import DistillData, Distiller, DistillResult
 
 
-# Not yet registered as a recipe stage: the runner will register it once recipes can
-# name a student and distillation data.
 def distill(
     teacher: nn.Module | None,
     student: nn.Module,

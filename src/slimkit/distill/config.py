@@ -10,6 +10,8 @@ from slimkit.config import SlimConfig
 
 HIDDEN_KINDS = ("hidden_mse", "hidden_cosine")
 ATTENTION_KINDS = ("attention_kl", "value_relation_kl")
+# Terms that compare the two models' final outputs.
+OUTPUT_KINDS = ("soft_kl", "output_mse", "output_cosine")
 
 
 class LossTerm(BaseModel):

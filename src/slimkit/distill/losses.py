@@ -33,8 +33,10 @@ def mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None 
 
 
 def cosine(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """1 - cosine similarity along the last dimension, averaged over (unmasked) positions."""
-    dist = 1.0 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)
+    """1 - cosine similarity along the feature dimension (the last one; the channels of a
+    ``[batch, channels, height, width]`` feature map), averaged over (unmasked) positions."""
+    dim = 1 if student.dim() == 4 else -1
+    dist = 1.0 - F.cosine_similarity(student.float(), teacher.float(), dim=dim)
     if mask is None or dist.dim() < 2:
         return dist.mean()
     m = mask.to(dist.dtype)

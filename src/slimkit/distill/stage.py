@@ -4,12 +4,16 @@ A recipe names the student (a shallower copy of the recipe's model, or another m
 source) and where the text comes from; labels are never used, so the task's train texts
 or any text file serve. The last ``validation_texts`` of them are held out: the student's
 embeddings are compared with the teacher's on them (mean cosine) for early stopping and
-for the report's before/after table.
+for the report's before/after table. Where the texts are the task's and its train labels
+are given, each evaluation also scores the task: a frozen head, fitted once on the
+teacher's embeddings of training texts, classifies the student's embeddings of the
+held-out texts (all from the train split; the test split is left for the measurements).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +27,15 @@ from slimkit.distill.config import DistillConfig, EarlyStopping, LossTerm
 from slimkit.distill.students import shallow_transformer
 from slimkit.distill.text import read_text_file, text_data
 from slimkit.errors import ConfigError, DataError
+from slimkit.measure.task import fit_head
 from slimkit.registry import register
 from slimkit.zoo.models import LoadedModel, load_model
 
 VAL_METRIC = "val_cosine"
+TASK_METRIC = "val_accuracy"
+# The head behind the task-metric curve is fitted on at most this many training texts:
+# enough for a stable logistic regression, cheap next to the distillation itself.
+HEAD_TEXTS = 2000
 
 
 class StudentSpec(BaseModel):
@@ -156,7 +165,8 @@ def _batches(tokenizer, texts: list[str], max_len: int, size: int = 64) -> list[
 
 def run_distill_stage(current: LoadedModel, config: DistillStageConfig, train_texts: list[str] | None,
                       checkpoint_dir: Path | None = None, device: str | torch.device = "cpu",
-                      progress: bool = True, original: LoadedModel | None = None) -> tuple[LoadedModel, dict[str, Any]]:
+                      progress: bool = True, original: LoadedModel | None = None,
+                      train_labels: Sequence[int] | None = None) -> tuple[LoadedModel, dict[str, Any]]:
     """Build the student, distil the teacher into it, and return it with a training record.
 
     Args:
@@ -166,6 +176,9 @@ def run_distill_stage(current: LoadedModel, config: DistillStageConfig, train_te
         train_texts: the task's train texts, used when ``config.texts.file`` is not set.
         checkpoint_dir: where resumable checkpoints go; a rerun resumes from them.
         original: the recipe's unmodified model, the teacher of a ``student.current`` stage.
+        train_labels: the labels of ``train_texts``; with them (and held-out texts) every
+            evaluation also reports the task metric ``val_accuracy``. Ignored when the
+            stage reads a text file.
 
     Returns:
         The student, and ``{"steps", "seconds", "history", "evals", "best", "before",
@@ -186,8 +199,16 @@ def run_distill_stage(current: LoadedModel, config: DistillStageConfig, train_te
         teacher, student = current, None
     if teacher.tokenizer is None:
         raise ConfigError("distill: the model has no tokenizer; the distill stage distils text encoders")
-    texts = read_text_file(config.texts.file) if config.texts.file else list(train_texts or [])
-    texts = [t for t in texts if t and t.strip()][: config.texts.limit]
+    if config.texts.file:
+        texts, labels = read_text_file(config.texts.file), None
+    else:
+        texts = list(train_texts or [])
+        labels = list(train_labels) if train_labels is not None else None
+        if labels is not None and len(labels) != len(texts):
+            raise DataError(f"distill: {len(texts)} train texts but {len(labels)} labels")
+    keep = [i for i, t in enumerate(texts) if t and t.strip()][: config.texts.limit]
+    texts = [texts[i] for i in keep]
+    labels = [labels[i] for i in keep] if labels is not None else None
     n_val = config.validation_texts
     if len(texts) < n_val + 2:
         raise DataError(f"distill: {len(texts)} texts, but validation_texts is {n_val}; give more text or lower validation_texts")
@@ -200,13 +221,23 @@ def run_distill_stage(current: LoadedModel, config: DistillStageConfig, train_te
 
     evaluate = None
     before = None
+    head_texts: list[str] = []
     if val:
         val_batches = _batches(teacher.tokenizer, val, config.max_len)
         reference = _embed(teacher.module, val_batches, device)
+        head = val_labels = None  # the task metric, where labels allow it
+        if labels is not None and len(set(labels[:-n_val][:HEAD_TEXTS])) > 1:
+            head_texts = train[:HEAD_TEXTS]
+            head = fit_head(_embed(teacher.module, _batches(teacher.tokenizer, head_texts, config.max_len), device).numpy(),
+                            np.asarray(labels[: len(head_texts)]))
+            val_labels = np.asarray(labels[-n_val:])
 
         def evaluate(model: nn.Module) -> dict[str, float]:
             emb = _embed(model, val_batches, device)
-            return {VAL_METRIC: float(torch.nn.functional.cosine_similarity(emb, reference, dim=-1).mean())}
+            metrics = {VAL_METRIC: float(torch.nn.functional.cosine_similarity(emb, reference, dim=-1).mean())}
+            if head is not None:
+                metrics[TASK_METRIC] = float((head.predict(emb.numpy()) == val_labels).mean())
+            return metrics
 
         before = evaluate(student.module)
     data = text_data(teacher.tokenizer, train, config.max_len)
@@ -216,6 +247,7 @@ def run_distill_stage(current: LoadedModel, config: DistillStageConfig, train_te
     record = {
         "student": config.student.model_dump(mode="json"),
         "train_texts": len(train), "validation_texts": len(val),
+        "head_texts": len(head_texts),
         "steps": result.steps, "seconds": result.seconds, "wall_seconds": time.perf_counter() - started,
         "stopped_early": result.stopped_early, "best": result.best, "before": before,
         "history": _thin(result.history), "evals": result.evals,

@@ -12,6 +12,7 @@ import json
 import math
 import re
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -22,11 +23,12 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
+from slimkit.atomic import recover_dir
 from slimkit.distill import attention as A
 from slimkit.distill import losses as L
 from slimkit.distill.cache import CACHE_FILE, cached_outputs, data_fingerprint, module_fingerprint
 from slimkit.distill.checkpoint import META, load_checkpoint, save_checkpoint
-from slimkit.distill.config import ATTENTION_KINDS, DistillConfig, LossTerm
+from slimkit.distill.config import ATTENTION_KINDS, OUTPUT_KINDS, DistillConfig, LossTerm
 from slimkit.errors import ConfigError, DataError, LayerSelectionError, SlimkitError
 
 
@@ -120,6 +122,16 @@ def _projection(student: torch.Tensor, teacher: torch.Tensor, term: int, s_name:
     return nn.Linear(student.shape[-1], teacher.shape[-1], bias=False)
 
 
+def bf16_supported(device: torch.device) -> bool:
+    """Whether ``device`` computes under bfloat16 autocast: every CPU does (emulated where
+    the instruction set lacks it), a CUDA card where it is native (Ampere and later)."""
+    if device.type == "cpu":
+        return True
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return False
+
+
 def _key(term: int, s_name: str) -> str:
     return f"t{term}_" + re.sub(r"\W", "_", s_name)
 
@@ -199,7 +211,12 @@ class Distiller:
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.student = student.to(self.device)
+        self.bf16 = config.bf16 and bf16_supported(self.device)
+        if config.bf16 and not self.bf16:
+            warnings.warn(f"bf16: {self.device} has no bfloat16 autocast; training in float32", stacklevel=3)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        if self.checkpoint_dir:
+            recover_dir(self.checkpoint_dir)  # a kill mid-replace leaves the previous checkpoint aside
         self._refuse_checkpoint_of_another_config()
         self.progress = progress
         _check_layers(self.teacher, sorted({t for term in config.losses for t in term.layers.values()}), "teacher")
@@ -214,6 +231,8 @@ class Distiller:
         self.teacher_cache: torch.Tensor | None = None
         if config.teacher_cache_mode != "none" and self.needs_teacher:
             self.teacher_cache = self._teacher_outputs() if config.teacher_cache_mode == "memory" else self._disk_cache()
+        if self.needs_teacher:
+            self._check_output_shapes()
         self.trainable = nn.ModuleDict({"student": self.student, "projections": self.projections})
         params = [p for p in self.trainable.parameters() if p.requires_grad]
         if config.optimizer == "adamw":
@@ -294,6 +313,29 @@ class Distiller:
         if problems:
             raise ConfigError(problems)
         return heads
+
+    def _check_output_shapes(self) -> None:
+        """Output terms compare the two models' outputs as they are: a mismatch would
+        otherwise fail at the first step or, where it broadcasts, train on nonsense."""
+        on_outputs = [(i, t) for i, t in enumerate(self.config.losses) if t.kind in OUTPUT_KINDS]
+        if not on_outputs:
+            return
+        idx = torch.arange(min(2, len(self.data)))
+        inputs, _ = self.data.batch(idx, self.device)
+        with torch.no_grad():
+            # A cached teacher is not run again: its outputs are what the terms will read.
+            t_out = self.teacher_cache[idx] if self.teacher_cache is not None else self.teacher(**inputs)
+            was = self.student.training
+            self.student.eval()
+            s_out = self.student(**inputs)
+            self.student.train(was)
+        if s_out.shape != t_out.shape:
+            raise ConfigError([
+                f"losses[{i}] ({term.kind}): the student's output has shape {tuple(s_out.shape)} but the teacher's "
+                f"{tuple(t_out.shape)}; give the student the teacher's output size, or distil hidden states "
+                "(hidden_mse / hidden_cosine with projection: true)"
+                for i, term in on_outputs
+            ])
 
     def _build_projections(self) -> nn.ModuleDict:
         """Run both models on two examples to size projections and check attention shapes."""
@@ -470,7 +512,7 @@ class Distiller:
             idx = batches[(in_epoch * c.grad_accum + k) % len(batches)]
             inputs, labels = self.data.batch(idx, self.device)
             with ExitStack() as stack:
-                if c.bf16:
+                if self.bf16:
                     stack.enter_context(torch.autocast(self.device.type, dtype=torch.bfloat16))
                 loss, parts = self.loss(inputs, labels, idx)
             if not torch.isfinite(loss):

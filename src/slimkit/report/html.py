@@ -339,9 +339,11 @@ def _training(variants: list[dict[str, Any]], baseline: str | None, batch_sizes:
     plot = {
         "id": "plot-training",
         "src": _training_plot(trained),
-        "alt": "Distillation loss per step and validation cosine per evaluation, per distilled variant",
-        "caption": "Distillation: the training loss (left) and the mean cosine between student and teacher "
-                   "embeddings on the held-out texts (right), per distilled variant.",
+        "alt": "Distillation loss per step, and validation cosine and held-out accuracy per evaluation, per distilled variant",
+        "caption": "Distillation: the training loss (left), the mean cosine between student and teacher "
+                   "embeddings on the held-out texts and, where the texts had labels, the accuracy of a frozen "
+                   "head (fitted on the teacher's embeddings of training texts) on them, per distilled variant. "
+                   "All of it from the train split.",
     }
     return {"rows": rows, "plot": plot, "batch": b1}
 
@@ -381,20 +383,28 @@ def _pruning(variants: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _training_plot(trained: list[tuple[dict, dict]]) -> str:
+    # The task panel appears where a stage could score the task (its texts had labels).
+    with_task = any(_num(e.get("val_accuracy")) is not None for _, t in trained for e in t.get("evals") or [])
+    panels = [("val_cosine", "Validation cosine to teacher", "mean cosine")]
+    if with_task:
+        panels.append(("val_accuracy", "Held-out accuracy (frozen head)", "accuracy"))
+
     def draw(fig: Figure) -> None:
-        loss_ax, val_ax = fig.subplots(1, 2)
+        loss_ax, *val_axes = fig.subplots(1, 1 + len(panels))
         for v, t in trained:
             color = COLOR_OUTPUT if v.get("is_output") else None
             hist = [h for h in t.get("history") or [] if _num(h.get("loss")) is not None]
             if hist:
                 loss_ax.plot([h["step"] for h in hist], [h["loss"] for h in hist], lw=1, color=color, label=_text(v.get("name")))
-            evals = [e for e in t.get("evals") or [] if _num(e.get("val_cosine")) is not None]
-            before = _num(_get(t, "before", "val_cosine"))
-            xs = ([0] if before is not None else []) + [e["step"] for e in evals]
-            ys = ([before] if before is not None else []) + [e["val_cosine"] for e in evals]
-            if ys:
-                val_ax.plot(xs, ys, "o-", ms=3, lw=1, color=color, label=_text(v.get("name")))
-        for ax, title, ylabel in ((loss_ax, "Training loss", "loss"), (val_ax, "Validation cosine to teacher", "mean cosine")):
+            for ax, (key, _, _) in zip(val_axes, panels, strict=True):
+                evals = [e for e in t.get("evals") or [] if _num(e.get(key)) is not None]
+                before = _num(_get(t, "before", key))
+                xs = ([0] if before is not None else []) + [e["step"] for e in evals]
+                ys = ([before] if before is not None else []) + [e[key] for e in evals]
+                if ys:
+                    ax.plot(xs, ys, "o-", ms=3, lw=1, color=color, label=_text(v.get("name")))
+        titles = [(loss_ax, "Training loss", "loss")] + [(ax, title, ylabel) for ax, (_, title, ylabel) in zip(val_axes, panels, strict=True)]
+        for ax, title, ylabel in titles:
             if not ax.lines:
                 _no_data(ax, title)
                 continue
@@ -403,7 +413,7 @@ def _training_plot(trained: list[tuple[dict, dict]]) -> str:
             ax.set_ylabel(ylabel)
             ax.legend(fontsize=7, frameon=False)
 
-    return _png(draw, (9.0, 3.0))
+    return _png(draw, (4.5 * (1 + len(panels)), 3.0))
 
 
 # --- memory profile --------------------------------------------------------------------
