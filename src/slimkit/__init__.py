@@ -6,8 +6,6 @@ does not load torch.
 
 from __future__ import annotations
 
-import importlib
-
 from slimkit.lazy import lazy_getattr
 
 __version__ = "0.1.0"
@@ -15,6 +13,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "quantize_": "slimkit.quantize.api",
     "prune_": "slimkit.prune.api",
+    "distill": "slimkit.distill",  # the package is the verb: slimkit.distill(teacher, student, data, config)
     "cluster_": "slimkit.compress.api",
     "export": "slimkit.deploy.export",
     "load_model": "slimkit.zoo.models",
@@ -25,12 +24,6 @@ _EXPORTS = {
     "run": "slimkit.runner",
 }
 
-__all__ = [*_EXPORTS, "distill"]
+__all__ = list(_EXPORTS)
 
-_lazy = lazy_getattr(__name__, _EXPORTS)
-
-
-def __getattr__(name: str):
-    if name == "distill":  # the package is the verb: slimkit.distill(teacher, student, data, config)
-        return importlib.import_module("slimkit.distill")
-    return _lazy(name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

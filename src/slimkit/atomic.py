@@ -59,7 +59,9 @@ def write_with(path: str | os.PathLike, writer: Callable[[Path], None]) -> None:
 def recover_dir(path: str | os.PathLike) -> None:
     """Put back the previous directory :func:`atomic_dir` set aside, if a process was
     killed between moving it away and moving the new one in (``path`` is then missing
-    and only ``.NAME.old`` remains). Readers of such directories call this first."""
+    and only ``.NAME.old`` remains). :func:`atomic_dir` calls it before writing; a reader
+    that must find the last complete directory (the distillation trainer, looking for its
+    checkpoint) calls it first."""
     path = Path(path)
     old = path.with_name(f".{path.name}.old")
     if not path.exists() and old.is_dir():

@@ -14,11 +14,13 @@ from typing import Any
 
 def lazy_getattr(package: str, exports: Mapping[str, str]) -> Callable[[str], Any]:
     """A module-level ``__getattr__`` for ``package`` that imports ``exports[name]`` and
-    returns its ``name``."""
+    returns its ``name``, or the module itself when it is the subpackage ``name`` (such
+    as ``slimkit.distill``, which is callable as the verb)."""
 
     def __getattr__(name: str) -> Any:
         if name in exports:
-            return getattr(importlib.import_module(exports[name]), name)
+            module = importlib.import_module(exports[name])
+            return module if exports[name] == f"{package}.{name}" else getattr(module, name)
         raise AttributeError(f"module {package!r} has no attribute {name!r}")
 
     return __getattr__

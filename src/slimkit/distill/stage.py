@@ -225,12 +225,13 @@ def run_distill_stage(current: LoadedModel, config: DistillStageConfig, train_te
     if val:
         val_batches = _batches(teacher.tokenizer, val, config.max_len)
         reference = _embed(teacher.module, val_batches, device)
-        head = val_labels = None  # the task metric, where labels allow it
-        if labels is not None and len(set(labels[:-n_val][:HEAD_TEXTS])) > 1:
-            head_texts = train[:HEAD_TEXTS]
-            head = fit_head(_embed(teacher.module, _batches(teacher.tokenizer, head_texts, config.max_len), device).numpy(),
-                            np.asarray(labels[: len(head_texts)]))
-            val_labels = np.asarray(labels[-n_val:])
+        head = None
+        head_labels = labels[: min(len(train), HEAD_TEXTS)] if labels is not None else []
+        if len(set(head_labels)) > 1:  # the task metric, where labels allow it
+            head_texts = train[: len(head_labels)]
+            teacher_emb = _embed(teacher.module, _batches(teacher.tokenizer, head_texts, config.max_len), device)
+            head = fit_head(teacher_emb.numpy(), np.asarray(head_labels))
+            val_labels = np.asarray(labels[len(train):])
 
         def evaluate(model: nn.Module) -> dict[str, float]:
             emb = _embed(model, val_batches, device)

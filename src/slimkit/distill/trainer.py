@@ -224,15 +224,13 @@ class Distiller:
         self.attention_heads = self._check_attention()
         self.t_layers = sorted({c for term in config.losses for t in term.layers.values() for c in _captured(term, t)})
         self.s_layers = sorted({c for term in config.losses for s in term.layers for c in _captured(term, s)})
-        torch.manual_seed(config.seed)
-        self.projections = self._build_projections()
         self._epoch: int | None = None
         self._epoch_batches: tuple[torch.Tensor, ...] = ()
         self.teacher_cache: torch.Tensor | None = None
         if config.teacher_cache_mode != "none" and self.needs_teacher:
             self.teacher_cache = self._teacher_outputs() if config.teacher_cache_mode == "memory" else self._disk_cache()
-        if self.needs_teacher:
-            self._check_output_shapes()
+        torch.manual_seed(config.seed)  # initialises the projections
+        self.projections = self._check_shapes()
         self.trainable = nn.ModuleDict({"student": self.student, "projections": self.projections})
         params = [p for p in self.trainable.parameters() if p.requires_grad]
         if config.optimizer == "adamw":
@@ -314,44 +312,35 @@ class Distiller:
             raise ConfigError(problems)
         return heads
 
-    def _check_output_shapes(self) -> None:
-        """Output terms compare the two models' outputs as they are: a mismatch would
-        otherwise fail at the first step or, where it broadcasts, train on nonsense."""
-        on_outputs = [(i, t) for i, t in enumerate(self.config.losses) if t.kind in OUTPUT_KINDS]
-        if not on_outputs:
-            return
-        idx = torch.arange(min(2, len(self.data)))
-        inputs, _ = self.data.batch(idx, self.device)
-        with torch.no_grad():
-            # A cached teacher is not run again: its outputs are what the terms will read.
-            t_out = self.teacher_cache[idx] if self.teacher_cache is not None else self.teacher(**inputs)
-            was = self.student.training
-            self.student.eval()
-            s_out = self.student(**inputs)
-            self.student.train(was)
-        if s_out.shape != t_out.shape:
-            raise ConfigError([
-                f"losses[{i}] ({term.kind}): the student's output has shape {tuple(s_out.shape)} but the teacher's "
-                f"{tuple(t_out.shape)}; give the student the teacher's output size, or distil hidden states "
-                "(hidden_mse / hidden_cosine with projection: true)"
-                for i, term in on_outputs
-            ])
+    def _check_shapes(self) -> nn.ModuleDict:
+        """Run both models on two examples before training and return the projections.
 
-    def _build_projections(self) -> nn.ModuleDict:
-        """Run both models on two examples to size projections and check attention shapes."""
+        Output terms need the student's output shaped as the teacher's (a mismatch would
+        otherwise fail at the first step or, where it broadcasts, train on nonsense); layer
+        terms get their projections sized and their attention shapes checked.
+        """
         layered = [(i, t) for i, t in enumerate(self.config.losses) if t.layers]
+        on_outputs = [(i, t) for i, t in enumerate(self.config.losses) if t.kind in OUTPUT_KINDS]
         proj = nn.ModuleDict()
-        if not layered:
+        if not layered and not on_outputs:
             return proj
         idx = torch.arange(min(2, len(self.data)))
         inputs, _ = self.data.batch(idx, self.device)
         with torch.no_grad():
-            _, t_out = self._forward(self.teacher, inputs, self.t_layers)
+            if self.teacher_cache is not None:  # not run again (a cache allows output terms only)
+                t_final, t_out = self.teacher_cache[idx.to(self.teacher_cache.device)], {}
+            else:
+                t_final, t_out = self._forward(self.teacher, inputs, self.t_layers)
             was = self.student.training
             self.student.eval()
-            _, s_out = self._forward(self.student, inputs, self.s_layers)
+            s_final, s_out = self._forward(self.student, inputs, self.s_layers)
             self.student.train(was)
-        problems = []
+        problems = [
+            f"losses[{i}] ({term.kind}): the student's output has shape {tuple(s_final.shape)} but the teacher's "
+            f"{tuple(t_final.shape)}; give the student the teacher's output size, or distil hidden states "
+            "(hidden_mse / hidden_cosine with projection: true)"
+            for i, term in on_outputs if s_final.shape != t_final.shape
+        ]
         for i, term in layered:
             for s_name, t_name in term.layers.items():
                 if term.kind in ATTENTION_KINDS:

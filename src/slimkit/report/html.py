@@ -383,28 +383,25 @@ def _pruning(variants: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _training_plot(trained: list[tuple[dict, dict]]) -> str:
-    # The task panel appears where a stage could score the task (its texts had labels).
-    with_task = any(_num(e.get("val_accuracy")) is not None for _, t in trained for e in t.get("evals") or [])
     panels = [("val_cosine", "Validation cosine to teacher", "mean cosine")]
-    if with_task:
+    # The task panel appears where a stage could score the task (its texts had labels).
+    if any(_num(e.get("val_accuracy")) is not None for _, t in trained for e in t.get("evals") or []):
         panels.append(("val_accuracy", "Held-out accuracy (frozen head)", "accuracy"))
 
     def draw(fig: Figure) -> None:
         loss_ax, *val_axes = fig.subplots(1, 1 + len(panels))
         for v, t in trained:
-            color = COLOR_OUTPUT if v.get("is_output") else None
+            color, label = (COLOR_OUTPUT if v.get("is_output") else None), _text(v.get("name"))
             hist = [h for h in t.get("history") or [] if _num(h.get("loss")) is not None]
             if hist:
-                loss_ax.plot([h["step"] for h in hist], [h["loss"] for h in hist], lw=1, color=color, label=_text(v.get("name")))
+                loss_ax.plot([h["step"] for h in hist], [h["loss"] for h in hist], lw=1, color=color, label=label)
             for ax, (key, _, _) in zip(val_axes, panels, strict=True):
-                evals = [e for e in t.get("evals") or [] if _num(e.get(key)) is not None]
                 before = _num(_get(t, "before", key))
-                xs = ([0] if before is not None else []) + [e["step"] for e in evals]
-                ys = ([before] if before is not None else []) + [e[key] for e in evals]
-                if ys:
-                    ax.plot(xs, ys, "o-", ms=3, lw=1, color=color, label=_text(v.get("name")))
-        titles = [(loss_ax, "Training loss", "loss")] + [(ax, title, ylabel) for ax, (_, title, ylabel) in zip(val_axes, panels, strict=True)]
-        for ax, title, ylabel in titles:
+                points = ([(0, before)] if before is not None else []) + [
+                    (e["step"], e[key]) for e in t.get("evals") or [] if _num(e.get(key)) is not None]
+                if points:
+                    ax.plot(*zip(*points, strict=True), "o-", ms=3, lw=1, color=color, label=label)
+        for ax, (_, title, ylabel) in zip([loss_ax, *val_axes], [(None, "Training loss", "loss"), *panels], strict=True):
             if not ax.lines:
                 _no_data(ax, title)
                 continue
