@@ -95,8 +95,10 @@ def test_every_problem_is_reported_at_once_with_its_key_path():
     one("compare[1].name: 'a' is used twice")
     one("compare[2].name: 'fp32' is used twice")
     one("compare[3].stages[0].quantize.bogus: unknown key")
-    assert len(problems) == 11
-    assert str(info.value).startswith("11 problem(s) found:")
+    one("stages[0].quantize: method 'dynamic_int8' computes with the operator quantized::linear_dynamic",
+        "stages[4].export", "ort_dynamic_int8")
+    assert len(problems) == 12
+    assert str(info.value).startswith("12 problem(s) found:")
 
 
 def test_variant_name_clashing_with_compare_name():
@@ -213,10 +215,26 @@ def test_from_file_errors(tmp_path):
 
 
 def test_a_quantize_stage_without_method_takes_the_default_for_where_the_model_is():
+    torch_side = Recipe.from_dict({"name": "d", "model": "m", "stages": [{"quantize": None}]})
+    assert [c.method for c in torch_side.stages] == ["dynamic_int8"]
     recipe = Recipe.from_dict({"name": "d", "model": "m", "stages": [
-        {"quantize": None}, {"export": {}}, {"quantize": {"per_channel": False}}]})
-    assert [c.method for c in recipe.stages] == ["dynamic_int8", "onnx", "ort_dynamic_int8"]
-    assert recipe.stages[2].per_channel is False
+        {"export": {}}, {"quantize": {"per_channel": False}}]})
+    assert [c.method for c in recipe.stages] == ["onnx", "ort_dynamic_int8"]
+    assert recipe.stages[1].per_channel is False
+
+
+@pytest.mark.parametrize("method, operator", [("dynamic_int8", "quantized::linear_dynamic"),
+                                              ("int4_weight_only", "packed uint4 weights")])
+def test_a_pytorch_quantization_onnx_cannot_express_is_refused_before_export(method, operator):
+    problems = problems_of({"name": "d", "model": "m", "stages": [
+        {"quantize": {"method": method, "layers": {"targets": ["re:.*dense"], "ignore": ["pooler.dense"]}}},
+        {"export": {}}]})
+    assert len(problems) == 1
+    assert problems[0].startswith(f"stages[0].quantize: method {method!r} computes with")
+    assert operator in problems[0] and "stages[1].export" in problems[0]
+    assert "targets ['re:.*dense'], ignore ['pooler.dense']" in problems[0] and "ort_" in problems[0]
+    # Without the export the same stage is a valid PyTorch-only pipeline.
+    assert Recipe.from_dict({"name": "d", "model": "m", "stages": [{"quantize": {"method": method}}]}).stages
 
 
 def problems_of(raw):
@@ -264,8 +282,28 @@ def test_a_prune_stage_names_its_method():
     assert "channels" in problem and "transformer_structured" in problem
 
 
-def test_cnn_channel_pruning_is_refused_in_a_recipe_with_the_alternative():
-    with pytest.raises(ConfigError) as err:
-        Recipe.from_dict({"name": "c", "model": "minilm-l6", "stages": [{"prune": {"method": "channels", "ratio": 0.5}}]})
-    (problem,) = err.value.problems
-    assert "stages[0].prune: method 'channels'" in problem and "slimkit.prune_" in problem
+def test_a_vision_recipe_validates_with_prepare_train_prune_budget_and_static_int8():
+    recipe = Recipe.from_dict({
+        "name": "v", "model": "mobilenet-v2",
+        "task": {"source": "fashion-mnist", "image_size": 128},
+        "prepare": [{"train": {"max_steps": 10, "validation": 500}}],
+        "stages": [{"prune": {"method": "channels", "budget": {"macs": 0.6}, "round_to": 8}},
+                   {"train": {"teacher": "baseline", "max_steps": 10}},
+                   {"export": {}}, {"quantize": {"method": "ort_static_int8"}}]})
+    assert [c.kind for c in recipe.prepare] == ["train"]
+    assert [c.method for c in recipe.stages] == ["channels", "supervised", "onnx", "ort_static_int8"]
+    assert recipe.stages[0].budget.kind == "macs" and recipe.stages[0].budget.target == 0.6
+    assert recipe.spec.task.image_size == 128
+
+
+def test_vision_recipe_mistakes_are_reported_together():
+    problems = problems_of({
+        "name": "v", "model": "m", "task": {"source": "fashion-mnist", "channels": 2, "image_size": 0},
+        "prepare": [{"export": {}}],
+        "stages": [{"prune": {"method": "channels", "budget": {"macs": 0.6, "params": 0.5}}},
+                   {"train": {"validation": 1.5, "teacher": "someone"}}, {"export": {}}, {"train": {}}]})
+    text = "\n".join(problems)
+    for expected in ("task.channels", "task.image_size", "prepare[0]: the baseline stays a PyTorch model",
+                     "stages[0].prune.budget", "give one budget", "stages[1].train.teacher",
+                     "stages[3].train: method 'supervised' works on a PyTorch model"):
+        assert expected in text, (expected, problems)

@@ -57,7 +57,7 @@ def test_metrics_cover_every_variant_with_the_same_harness(run_folder):
     m = json.loads((run_folder / "metrics.json").read_text())
     assert m["schema_version"] == 1 and m["baseline"] == "fp32"
     assert m["harness"]["threads"] == 1 and m["harness"]["seq_len"] == 32
-    assert m["task"] == {"name": "rt-polarity", "train_size": 120, "test_size": 60}
+    assert m["task"] == {"name": "rt-polarity", "kind": "text", "train_size": 120, "test_size": 60}
     by = {v["name"]: v for v in m["variants"]}
     assert by["fp32"]["latency"]["1"]["ratio_to_baseline"] == 1.0
     assert by["fp32"]["accuracy"]["frozen_head_drop_pp"] == 0.0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -171,3 +172,43 @@ class SeededMLP(nn.Module):
     def forward(self, x):
         self.calls += 1
         return self.head(self.body(x))
+
+
+class TinyClassifier(nn.Module):
+    """A small image classifier: a stem, a residual block, global pooling and a Linear head."""
+
+    def __init__(self, classes: int = 7):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(16, 32, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+                                   nn.Conv2d(32, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16))
+        self.head = nn.Linear(16, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = torch.relu(x + self.block(x))
+        return self.head(x.mean((2, 3)))
+
+
+def tiny_classifier() -> tuple[nn.Module, tuple[torch.Tensor]]:
+    """A seeded :class:`TinyClassifier` with 7 outputs (a task with other classes gets a new head)."""
+    torch.manual_seed(0)
+    return TinyClassifier(), (torch.zeros(1, 3, 16, 16),)
+
+
+def write_image_folder(root, classes: int = 3, train: int = 40, test: int = 12, side: int = 12, seed: int = 0):
+    """``root/{train,test}/<class>/*.png``: grey images whose class is where a bright bar is
+    (top, middle, bottom ...), with noise, so a tiny CNN learns them in a few steps."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", train), ("test", test)):
+        for c in range(classes):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                img = rng.uniform(0, 0.3, (side, side))
+                band = side // classes
+                img[c * band:(c + 1) * band] += 0.6
+                Image.fromarray((img.clip(0, 1) * 255).astype(np.uint8), mode="L").save(folder / f"{i}.png")
+    return root

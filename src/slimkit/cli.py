@@ -87,20 +87,18 @@ def _profile(recipe: Recipe, args: argparse.Namespace) -> None:
 
 def _harness_inputs(recipe: Recipe, model: LoadedModel) -> dict | tuple:
     """The inputs ``slimkit run`` times, at batch 1: real text of ``measure.seq_len`` tokens
-    for a text model, else the model's example inputs cut to one row."""
+    for a text model, a test image at the task's size for an image model, else the model's
+    example inputs cut to one row."""
     import torch
 
     from slimkit.errors import ConfigError
+    from slimkit.measure.image_workload import is_image_task
+    from slimkit.measure.workload import workload_for
 
     spec = recipe.spec
-    if model.tokenizer is not None:
-        from slimkit.measure.inputs import fixed_length_batch
-        from slimkit.zoo.tasks import load_task
-
-        data = load_task(spec.task.source, spec.task.text_column, spec.task.label_column)
-        texts = data.test_texts[: spec.task.test_limit]
-        feed = fixed_length_batch(model.tokenizer, texts, 1, spec.measure.seq_len, model.max_seq_len)
-        return {k: torch.from_numpy(v) for k, v in feed.items()}
+    if model.tokenizer is not None or is_image_task(spec.task):
+        workload = workload_for(spec.task, model, spec.measure.seq_len)
+        return workload.torch_inputs(workload.timing_feed(1), "cpu")
     if not model.example_inputs:
         raise ConfigError(
             f"model: {spec.model!r} has no tokenizer and no example inputs to profile with; "

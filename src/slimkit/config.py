@@ -20,6 +20,9 @@ class SlimConfig(BaseModel):
 
     kind: ClassVar[str] = ""
     method: ClassVar[str] = ""
+    # False for transforms that are only recorded with a model (and replayed on loading),
+    # never written as a recipe stage.
+    recipe_stage: ClassVar[bool] = True
     version: int = 1
 
     def replay_on(self, layers: list[str]) -> SlimConfig:

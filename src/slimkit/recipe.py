@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from slimkit.config import SlimConfig, format_validation_error
 from slimkit.errors import ConfigError
@@ -23,13 +23,32 @@ class _Strict(BaseModel):
 
 
 class TaskSpec(_Strict):
-    """The task: ``rt-polarity`` or a CSV path; limits take the first examples of each split."""
+    """The task, text or images; limits take the first examples of each split.
+
+    Text: ``rt-polarity`` or a CSV with ``text_column`` and ``label_column``. Images:
+    ``fashion-mnist``, a folder laid out ``train/<class>/*.png`` and ``test/<class>/*.png``,
+    or a CSV of image paths (``image_column``) and labels (``label_column``), split 80/20
+    by a fixed seed. Images are fed to the model at ``image_size`` with ``channels``
+    channels and ``normalize`` applied (see :class:`slimkit.zoo.images.ImageInput`).
+    """
 
     source: str = "rt-polarity"
     text_column: str = "text"
     label_column: str = "label"
+    image_column: str | None = None
+    image_size: int | Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=2, max_length=2)] | None = None
+    channels: Literal[1, 3] = 3
+    normalize: Literal["imagenet", "none"] = "imagenet"
+    color: Literal["grey", "rgb"] = "grey"
     train_limit: int | None = Field(None, ge=2)
     test_limit: int | None = Field(None, ge=1)
+
+    @field_validator("image_size")
+    @classmethod
+    def _positive(cls, v):
+        if isinstance(v, int) and v < 1:
+            raise ValueError("image_size: give a positive side, or [height, width]")
+        return v
 
 
 class MeasureSpec(_Strict):
@@ -63,6 +82,9 @@ class RecipeSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     model: str
     task: TaskSpec = Field(default_factory=TaskSpec)
+    # Stages that make the baseline every variant is measured against, such as fine-tuning
+    # a pretrained backbone on the task; PyTorch stages only.
+    prepare: list[Any] = Field(default_factory=list)
     variant: str = Field("output", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     stages: list[Any] = Field(min_length=1)
     compare: list[VariantSpec] = Field(default_factory=list)
@@ -75,6 +97,7 @@ class Recipe:
 
     Attributes:
         spec: the validated recipe fields.
+        prepare: typed configs of the stages that make the baseline.
         stages: typed configs of the output pipeline, in order.
         compare: ``(name, [configs])`` of each variant measured beside it.
         compare_models: variant name -> model source, for variants of another model.
@@ -82,9 +105,10 @@ class Recipe:
     """
 
     def __init__(self, spec: RecipeSpec, stages: list[SlimConfig], compare: list[tuple[str, list[SlimConfig]]], raw: dict,
-                 compare_models: dict[str, str] | None = None):
+                 compare_models: dict[str, str] | None = None, prepare: list[SlimConfig] | None = None):
         self.spec, self.stages, self.compare, self.raw = spec, stages, compare, raw
         self.compare_models = compare_models or {}
+        self.prepare = prepare or []
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Recipe:
@@ -98,6 +122,11 @@ class Recipe:
         except ValidationError as err:
             problems += format_validation_error(err)
             spec = None
+        prepare = parse_stages(raw.get("prepare") or [], "prepare", problems)
+        for i, cfg in enumerate(prepare):
+            if cfg.kind == "export" or cfg.method.startswith("ort_"):
+                problems.append(f"prepare[{i}]: the baseline stays a PyTorch model; move {cfg.kind} "
+                                f"{cfg.method!r} into stages")
         stages = parse_stages(raw.get("stages") or [], "stages", problems)
         compare = []
         if raw.get("variant") == "fp32":
@@ -112,7 +141,7 @@ class Recipe:
         if problems:
             raise ConfigError(problems)
         models = {v.name: v.model for v in spec.compare if v.model}
-        return cls(spec, stages, compare, raw, models)
+        return cls(spec, stages, compare, raw, models, prepare)
 
     @classmethod
     def from_file(cls, path: str | Path, overrides: list[str] | None = None) -> Recipe:
@@ -151,6 +180,7 @@ def parse_stages(stages: list, where: str, problems: list[str]) -> list[SlimConf
     """Typed configs for ``stages``; mistakes are appended to ``problems``."""
     out: list[SlimConfig] = []
     exported = False
+    unexportable: list[tuple[int, SlimConfig]] = []
     for i, stage in enumerate(stages):
         path = f"{where}[{i}]"
         if not isinstance(stage, dict) or len(stage) != 1:
@@ -185,23 +215,33 @@ def parse_stages(stages: list, where: str, problems: list[str]) -> list[SlimConf
         except ValidationError as err:
             problems += format_validation_error(err, f"{path}.{kind}")
             continue
-        if (kind, method) in PYTHON_ONLY:
-            problems.append(f"{path}.{kind}: method {method!r} {PYTHON_ONLY[kind, method]}")
-            continue
         onnx_method = method.startswith("ort_")
         if kind != "export" and onnx_method and not exported:
             problems.append(f"{path}.{kind}: method {method!r} works on an ONNX model; put an `export` stage before it")
         elif kind != "export" and exported and not onnx_method:
             problems.append(f"{path}.{kind}: method {method!r} works on a PyTorch model but the model is already exported; move it before the export stage or use an ort_* method")
+        if kind == "export":
+            for j, earlier in unexportable:
+                problems.append(
+                    f"{where}[{j}].quantize: method {earlier.method!r} computes with {NOT_EXPORTABLE[earlier.method]}, "
+                    f"which has no ONNX export, so {path}.export would fail on every layer it quantized "
+                    f"(targets {list(earlier.layers.targets)}, ignore {list(earlier.layers.ignore)}); "
+                    f"export first and quantize the ONNX model with {ONNX_INSTEAD[earlier.method]}")
+            unexportable.clear()
+        elif kind == "quantize" and method in NOT_EXPORTABLE and not exported:
+            unexportable.append((i, cfg))
         out.append(cfg)
     return out
 
 
-# Methods a recipe cannot run yet, with what to do instead.
-PYTHON_ONLY = {
-    ("prune", "channels"): "removes CNN channels, but recipes measure text models only for now; "
-                           "call slimkit.prune_(model, ChannelPruneConfig(...)) in Python",
+# PyTorch quantization methods whose layers ONNX cannot express, with the operator that
+# stops the export and the ONNX Runtime method that computes the same thing.
+NOT_EXPORTABLE = {
+    "dynamic_int8": "the operator quantized::linear_dynamic (fbgemm's packed int8 GEMM)",
+    "int4_weight_only": "packed uint4 weights unpacked by bit shifts at every call (ONNX would hold float "
+                        "weights rebuilt per call, not MatMulNBits)",
 }
+ONNX_INSTEAD = {"dynamic_int8": "ort_dynamic_int8", "int4_weight_only": "ort_dynamic_int8 or ort_static_int8"}
 
 # Without a method, a stage takes the fastest faithful one for where the model is: on an
 # exported model ONNX Runtime's dynamic int8, on a PyTorch model PyTorch's.

@@ -47,8 +47,9 @@ def methods(kind: str) -> list[str]:
 
 
 def kinds() -> list[str]:
+    """The stage kinds a recipe may name."""
     _load_builtin_methods()
-    return sorted({k for k, _ in _CONFIGS})
+    return sorted({k for (k, _), cls in _CONFIGS.items() if cls.recipe_stage})
 
 
 def config_from_dict(data: dict[str, Any]) -> SlimConfig:
@@ -76,3 +77,5 @@ def _load_builtin_methods() -> None:
     import slimkit.quantize.qat  # noqa: F401
     import slimkit.quantize.static_int8  # noqa: F401
     import slimkit.quantize.weight_only  # noqa: F401
+    import slimkit.train.head  # noqa: F401
+    import slimkit.train.stage  # noqa: F401

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import platform
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,18 +20,15 @@ from slimkit.compress.api import cluster_
 from slimkit.config import SlimConfig
 from slimkit.deploy.export import export
 from slimkit.deploy.onnx_model import OnnxModel
-from slimkit.errors import ConfigError
 from slimkit.measure import energy as energy_mod
-from slimkit.measure.inputs import fixed_length_batch
 from slimkit.measure.latency import measure_latency
 from slimkit.measure.memory import peak_rss
 from slimkit.measure.runners import make_runner
-from slimkit.measure.task import TokenizedTexts, embed, fit_head, nearest_neighbours, task_metrics
+from slimkit.measure.workload import Workload, workload_for
 from slimkit.prune.api import prune_
 from slimkit.quantize.api import quantize_, record_transform, transforms_of
 from slimkit.recipe import Recipe
 from slimkit.zoo.models import LoadedModel, load_model
-from slimkit.zoo.tasks import TextClassificationData, load_task
 
 METRICS_SCHEMA_VERSION = 1
 BASELINE = "fp32"
@@ -74,9 +70,49 @@ class Variant:
         return transforms_of(self.model if isinstance(self.model, OnnxModel) else self.model.module)
 
 
-def apply_stages(model: LoadedModel, configs: list[SlimConfig], workdir: Path, calibration=None, *,
-                 train_texts: list[str] | None = None, train_labels: Sequence[int] | None = None,
-                 checkpoints: Path | None = None, device: str = "cpu", progress: bool = False,
+# Stages worth keeping the result of, so that variants whose stages begin alike (a
+# fine-tuned, pruned model exported twice, say) train and prune once.
+SHARED_KINDS = {"train", "distill", "prune"}
+# Train images the Taylor importance of a channel-pruning stage is computed on.
+TAYLOR_IMAGES = 512
+
+
+@dataclass
+class StageContext:
+    """What stages need from the run: the task, where to keep checkpoints, the baseline.
+
+    Attributes:
+        workload: the task's inputs, calibration and training data (train split only).
+        calibration: the most calibration examples any stage asks for.
+        checkpoints: the folder of resumable training checkpoints of this variant.
+        baseline: the run's baseline model: the teacher of ``train: {teacher: baseline}``.
+        memo: results of earlier variants' training and pruning, by the stages that made them.
+        examples: calibration examples given directly, instead of drawn from ``workload``.
+    """
+
+    workload: Workload | None = None
+    calibration: int = 128
+    checkpoints: Path | None = None
+    device: str = "cpu"
+    progress: bool = False
+    baseline: LoadedModel | None = None
+    memo: dict[str, tuple] = field(default_factory=dict)
+    examples: list[Any] | None = None
+
+    def calibration_for(self, framework: str) -> list[Any] | None:
+        """Calibration examples in the form a ``framework`` (``onnx`` or ``torch``) model takes them."""
+        if self.examples is not None or self.workload is None:
+            return self.examples
+        key = f"calibration:{framework}"
+        if key not in self._drawn:
+            self._drawn[key] = self.workload.calibration(self.calibration, framework)
+        return self._drawn[key]
+
+    def __post_init__(self) -> None:
+        self._drawn: dict[str, list[Any]] = {}
+
+
+def apply_stages(model: LoadedModel, configs: list[SlimConfig], workdir: Path, context: StageContext | None = None, *,
                  training: list[dict[str, Any]] | None = None, pruning: list[dict[str, Any]] | None = None,
                  ) -> tuple[LoadedModel | OnnxModel, LoadedModel]:
     """Apply ``configs`` in order to a copy of ``model``; an export stage turns it into ONNX.
@@ -87,20 +123,27 @@ def apply_stages(model: LoadedModel, configs: list[SlimConfig], workdir: Path, c
     With no stages the model itself is returned: nothing will change it, and a copy of a
     large model costs its whole size in memory.
 
-    A distill stage replaces the model by the student it trains (on ``train_texts``
-    unless the stage names a file; ``train_labels`` add the task metric to its
-    evaluations), keeps resumable checkpoints under ``checkpoints``,
-    and appends its training record to ``training``. A prune stage shrinks the model
-    (scoring on ``calibration`` where its importance or its budget's sensitivity analysis
-    needs data; the analysis is appended to ``pruning``), and the architecture returned
-    is the pruned one.
+    A distill stage replaces the model by the student it trains (on the task's train
+    texts unless the stage names a file), a train stage trains it on the task's train
+    images; both keep resumable checkpoints under ``context.checkpoints`` and append their
+    record to ``training``. A prune stage shrinks the model (scoring on calibration data
+    from the train split where its importance or its budget's analysis needs it; the
+    analysis is appended to ``pruning``), and the architecture returned is the pruned one.
+    Results of train, distill and prune stages are kept in ``context.memo`` and reused by
+    later calls whose stages begin the same way.
     """
     if not configs:
         return model, model
+    context = context or StageContext()
     current: LoadedModel | OnnxModel = model.clone()
     source = current
     architecture = model
-    for i, cfg in enumerate(configs):
+    first = _reuse(context.memo, model, configs, training, pruning)
+    if first:
+        current, architecture = (m.clone() for m in context.memo[_key(model, configs[:first])][:2])
+        source = current
+    for i, cfg in enumerate(configs[first:], start=first):
+        folder = context.checkpoints / f"stage{i}" if context.checkpoints else None
         if cfg.kind == "export":
             source = current
             current = export(current, cfg, workdir=workdir)
@@ -108,30 +151,82 @@ def apply_stages(model: LoadedModel, configs: list[SlimConfig], workdir: Path, c
         elif cfg.kind == "distill":
             from slimkit.distill.stage import run_distill_stage
 
-            folder = checkpoints / f"stage{i}" if checkpoints else None
-            current, record = run_distill_stage(current, cfg, train_texts, folder, device, progress, original=model,
-                                                train_labels=train_labels)
+            workload = context.workload
+            current, record = run_distill_stage(
+                current, cfg, getattr(workload, "train_texts", None), folder, context.device, context.progress,
+                original=model, train_labels=getattr(workload, "train_labels", None))
             record_transform(current.module, cfg, [])
-            # Later stages change the student in place; the estimate needs it as trained.
-            architecture = current.clone() if i < len(configs) - 1 else current
+            architecture = current
+            if training is not None:
+                training.append({"stage": i, **record})
+        elif cfg.kind == "train":
+            from slimkit.train.stage import run_train_stage
+
+            record = run_train_stage(current, cfg, context.workload, folder, context.device, context.progress,
+                                     baseline=context.baseline)
+            record_transform(current.module, cfg, [])
+            architecture = current
             if training is not None:
                 training.append({"stage": i, **record})
         elif cfg.kind == "prune":
             # Recipes put PyTorch-side stages before the export, so this is a LoadedModel.
-            # Importance from gradients scores on the calibration sentences (train split).
-            result = prune_(current.module, cfg, calibration=calibration)
+            result = prune_(current.module, cfg, **_prune_context(cfg, context, current))
             if result.analysis is not None and pruning is not None:
                 pruning.append({"stage": i, **result.analysis})
-            # The model is smaller now: the energy estimate counts what it computes.
-            architecture = current.clone() if i < len(configs) - 1 else current
+            architecture = current
         elif cfg.kind == "cluster":
             cluster_(current.module, cfg)
         else:
-            target = current if isinstance(current, OnnxModel) else current.module
+            onnx = isinstance(current, OnnxModel)
+            target = current if onnx else current.module
             # ``source``: the PyTorch model an ONNX stage came from, for methods that
             # score layers before choosing what to quantize.
-            quantize_(target, cfg, calibration=calibration, source=source)
+            quantize_(target, cfg, calibration=context.calibration_for("onnx" if onnx else "torch"), source=source)
+        if cfg.kind in SHARED_KINDS:
+            context.memo[_key(model, configs[:i + 1])] = (current.clone(), current.clone(), list(training or []),
+                                                          list(pruning or []))
+        if architecture is current and i < len(configs) - 1:
+            # Later stages change the model in place; the estimate needs it as it is now.
+            architecture = current.clone()
     return current, architecture
+
+
+def _key(model: LoadedModel, configs: list[SlimConfig]) -> str:
+    import json
+
+    return json.dumps([id(model), *(c.to_dict() for c in configs)], sort_keys=True)
+
+
+def _reuse(memo: dict[str, tuple], model: LoadedModel, configs: list[SlimConfig], training: list | None,
+           pruning: list | None) -> int:
+    """How many leading stages of ``configs`` an earlier call on ``model`` already ran (0:
+    none); their training and pruning records are copied into ``training`` and ``pruning``."""
+    for n in range(len(configs), 0, -1):
+        found = memo.get(_key(model, configs[:n]))
+        if found is not None:
+            if training is not None:
+                training.extend(found[2])
+            if pruning is not None:
+                pruning.extend(found[3])
+            return n
+    return 0
+
+
+def _prune_context(cfg: SlimConfig, context: StageContext, current: LoadedModel) -> dict[str, Any]:
+    """What a prune stage scores with: for an image model its example input, labelled train
+    batches and a held-out evaluation; for a text model calibration sentences."""
+    workload = context.workload
+    if getattr(workload, "kind", None) != "image":
+        return {"calibration": context.calibration_for("torch")}
+    out: dict[str, Any] = {"example_input": workload.example_input()}
+    if getattr(cfg, "importance", None) == "taylor":
+        out.update(calibration=workload.labelled_batches(TAYLOR_IMAGES), loss_fn=workload.loss_fn)
+    budget = getattr(cfg, "budget", None)
+    if budget is not None and hasattr(budget, "images"):
+        *_, vx, vy = workload.held_out(budget.images, budget.seed)
+        score = workload.evaluator(vx, vy)
+        out["evaluate"] = lambda m: score(m)["val_accuracy"]
+    return out
 
 
 def run(recipe: Recipe, output: str | Path | None = None, progress: bool = True) -> Path:
@@ -152,32 +247,44 @@ def run(recipe: Recipe, output: str | Path | None = None, progress: bool = True)
     with Progress(*columns, disable=not progress, transient=False) as bar, atomic_dir(out_dir) as tmp:
         step = bar.add_task("load model and task", total=2)
         model = load_model(spec.model)
-        if model.tokenizer is None:
-            raise ConfigError(
-                f"model: {spec.model!r} has no tokenizer, but task {spec.task.source!r} is a text "
-                "task; give a Hugging Face model directory (with its tokenizer files)"
-            )
         bar.advance(step)
-        data = load_task(spec.task.source, spec.task.text_column, spec.task.label_column).limited(
-            spec.task.train_limit, spec.task.test_limit
-        )
+        workload = workload_for(spec.task, model, m.seq_len)
+        if workload.kind == "image":
+            # Exported and traced at the size the task feeds it.
+            model.example_inputs = (workload.example_input(),)
         bar.advance(step)
-        feeds = {b: fixed_length_batch(model.tokenizer, data.test_texts, b, m.seq_len, model.max_seq_len) for b in m.batch_sizes}
-        wanted = [getattr(c, "calibration_samples", 0) or getattr(c, "calibration_batches", 0) for c in recipe.stages + [c for _, cs in recipe.compare for c in cs]]
-        calibration = _calibration_feeds(model, data, max([128, *wanted]))
+        all_stages = recipe.prepare + recipe.stages + [c for _, cs in recipe.compare for c in cs]
+        wanted = [getattr(c, "calibration_samples", 0) or getattr(c, "calibration_batches", 0) for c in all_stages]
+        context = StageContext(workload, max([128, *wanted]), None, device, progress)
 
-        plan = [(BASELINE, [], False), (spec.variant, recipe.stages, True)] + [(n, c, False) for n, c in recipe.compare]
-        step = bar.add_task("build variants", total=len(plan))
-        variants = []
+        step = bar.add_task("prepare the baseline", total=1)
+        training: list[dict[str, Any]] = []
+        pruning: list[dict[str, Any]] = []
+        context.checkpoints = checkpoints / BASELINE
+        baseline, base_architecture = apply_stages(model, recipe.prepare, tmp / "work", context,
+                                                   training=training, pruning=pruning)
+        if workload.kind == "image":
+            workload.check_outputs(baseline.module)
+        context.baseline = baseline
+        bar.advance(step)
+
+        plan = [(spec.variant, recipe.stages, True)] + [(n, c, False) for n, c in recipe.compare]
+        step = bar.add_task("build variants", total=len(plan) + 1)
+        variants = [Variant(BASELINE, baseline, list(recipe.prepare), False, tmp / "variants" / BASELINE,
+                            base_architecture, training, pruning)]
+        serialize.save(baseline, variants[0].folder)
+        bar.advance(step)
         for name, configs, is_output in plan:
             folder = tmp / "variants" / name
-            base = load_model(recipe.compare_models[name]) if name in recipe.compare_models else model
-            training: list[dict[str, Any]] = []
-            pruning: list[dict[str, Any]] = []
-            built, architecture = apply_stages(
-                base, configs, folder / "work", calibration, train_texts=data.train_texts, train_labels=data.train_labels,
-                checkpoints=checkpoints / name, device=device, progress=progress, training=training,
-                pruning=pruning)
+            base = baseline
+            if name in recipe.compare_models:
+                base = load_model(recipe.compare_models[name])
+                if workload.kind == "image":
+                    base.example_inputs = model.example_inputs
+            training, pruning = [], []
+            context.checkpoints = checkpoints / name
+            built, architecture = apply_stages(base, configs, folder / "work", context, training=training,
+                                               pruning=pruning)
             v = Variant(name, built, configs, is_output, folder, architecture, training, pruning)
             serialize.save(v.model, folder)
             _remove_workdir(folder / "work")
@@ -185,7 +292,10 @@ def run(recipe: Recipe, output: str | Path | None = None, progress: bool = True)
                 v.model.path = v.weights_file
             variants.append(v)
             bar.advance(step)
+        _remove_workdir(tmp / "work")
+        context.memo.clear()
 
+        feeds = {b: workload.timing_feed(b) for b in m.batch_sizes}
         runners = {v.name: make_runner(v.model, m.threads, device) for v in variants}
         results: dict[str, dict[str, Any]] = {v.name: {"latency": {}} for v in variants}
         for b, feed in feeds.items():
@@ -197,23 +307,28 @@ def run(recipe: Recipe, output: str | Path | None = None, progress: bool = True)
                 results[n]["latency"][str(b)] = stats
 
         if m.accuracy:
-            _accuracy(variants, runners, model, data, results, bar)
+            def advance(description: str, total: int):
+                task = bar.add_task(description, total=total)
+                return lambda k: bar.advance(task, k)
+
+            for name, acc in workload.accuracy(runners, BASELINE, advance).items():
+                results[name]["accuracy"] = acc
         if m.memory:
             step = bar.add_task("peak memory (fresh processes)", total=len(variants))
-            one = fixed_length_batch(model.tokenizer, data.test_texts, 1, min(128, m.seq_len), model.max_seq_len)
+            one = workload.serve_feed()
             for v in variants:
                 results[v.name].update(peak_rss(v.folder, one, m.threads))
                 bar.advance(step)
         if m.energy:
-            _energy(variants, m.seq_len, results, runners, feeds, device)
+            _energy(variants, workload, results, runners, feeds, device)
         profiled = None
         if m.memory_profile:
             step = bar.add_task("memory profile of the baseline", total=1)
-            profiled = _memory_profile(variants[0].model, spec.model, feeds, m.seq_len, device)
+            profiled = _memory_profile(variants[0].model, spec.model, workload, feeds, m.seq_len, device)
             bar.advance(step)
 
         step = bar.add_task("write model, metrics and report", total=1)
-        metrics = _metrics(recipe, variants, results, data, device)
+        metrics = _metrics(recipe, variants, results, workload, device)
         if profiled is not None:
             metrics["memory_profile"] = profiled
         write_json(tmp / "metrics.json", metrics)
@@ -228,21 +343,21 @@ def run(recipe: Recipe, output: str | Path | None = None, progress: bool = True)
     return out_dir
 
 
-def _memory_profile(model: LoadedModel, name: str, feeds: dict[int, dict[str, np.ndarray]], seq_len: int,
-                    device: str) -> dict[str, Any]:
+def _memory_profile(model: LoadedModel, name: str, workload: Workload, feeds: dict[int, dict[str, np.ndarray]],
+                    seq_len: int, device: str) -> dict[str, Any]:
     """Where the memory of one forward pass of the fp32 baseline goes, on the harness's own
     input at its smallest batch (the report's memory-profile section)."""
     from slimkit.memory.profiler import profile
 
     feed = feeds[min(feeds)]
-    inputs = {k: torch.from_numpy(v).to(device) for k, v in feed.items()}
-    shapes = {k: list(v.shape) for k, v in inputs.items()}
-    return {"model": name, "inputs": shapes, "seq_len": seq_len,
-            **profile(model.module.to(device), inputs).to_dict()}
+    shapes = {k: list(v.shape) for k, v in feed.items()}
+    return {"model": name, "inputs": shapes, "seq_len": seq_len if workload.kind == "text" else None,
+            **profile(model.module.to(device), workload.torch_inputs(feed, device)).to_dict()}
 
 
 def _call(runner, feed: dict[str, np.ndarray]):
-    return lambda: runner(feed["input_ids"], feed["attention_mask"], feed["token_type_ids"])
+    inputs = tuple(feed.values())
+    return lambda: runner(*inputs)
 
 
 def _remove_workdir(path: Path) -> None:
@@ -251,40 +366,16 @@ def _remove_workdir(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _calibration_feeds(model: LoadedModel, data: TextClassificationData, n: int) -> list[dict[str, np.ndarray]]:
-    """Single sentences from the train split, as static quantization calibrates on them."""
-    feeds = []
-    for text in data.train_texts[:n]:
-        enc = model.tokenizer(text, truncation=True, max_length=128, return_tensors="np")
-        ids = enc["input_ids"].astype(np.int64)
-        feeds.append({"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)})
-    return feeds
-
-
-def _accuracy(variants, runners, model, data, results, bar) -> None:
-    train = TokenizedTexts(model.tokenizer, data.train_texts, 128)
-    test = TokenizedTexts(model.tokenizer, data.test_texts, 128)
-    ref_train = ref_test = head = ref_nn = base_acc = None
-    for v in variants:
-        step = bar.add_task(f"accuracy, {v.name}", total=len(train) + len(test))
-        tr = embed(runners[v.name], train, progress=lambda k, s=step: bar.advance(s, k))
-        te = embed(runners[v.name], test, progress=lambda k, s=step: bar.advance(s, k))
-        if v.name == BASELINE:
-            ref_train, ref_test = tr, te
-            head = fit_head(ref_train, data.train_labels)
-            ref_nn = nearest_neighbours(ref_test)
-            base_acc = float((head.predict(te) == data.test_labels).mean())
-        results[v.name]["accuracy"] = task_metrics(head, ref_test, ref_nn, te, data.test_labels, tr, data.train_labels, base_acc)
-
-
-def _energy(variants, seq_len, results, runners, feeds, device) -> None:
-    ids = torch.from_numpy(feeds[min(feeds)]["input_ids"][:1, :seq_len])
+def _energy(variants, workload: Workload, results, runners, feeds, device) -> None:
+    count_inputs = workload.count_inputs(feeds[min(feeds)])
+    # Only the rows of the sequence's tokens are read from an embedding table.
+    tokens = count_inputs[0].shape[1] if workload.kind == "text" else 0
     counted: dict[int, tuple] = {}  # MACs of each distinct base model, counted once
     for v in variants:
         if id(v.base) not in counted:
             module = v.base.module
             counted[id(v.base)] = (
-                *energy_mod.linear_macs(module, (ids, torch.ones_like(ids), torch.zeros_like(ids))),
+                *energy_mod.layer_macs(module, count_inputs),
                 [(n, m.weight.numel(), m.embedding_dim) for n, m in module.named_modules() if isinstance(m, torch.nn.Embedding)],
             )
         per_layer, total, tables = counted[id(v.base)]
@@ -295,11 +386,11 @@ def _energy(variants, seq_len, results, runners, feeds, device) -> None:
                 low.update({layer: kind for layer in t["layers"]})
             if t["config"]["method"] in INT8_STORAGE or (t["config"]["method"] == "static_int8" and kind):
                 int8_stored += t["layers"]
-        read = energy_mod.weight_bytes_read(v.weights_file.stat().st_size, tables, int8_stored, ids.shape[1])
+        read = energy_mod.weight_bytes_read(v.weights_file.stat().st_size, tables, int8_stored, tokens)
         est = energy_mod.estimate(total, per_layer, low, read)
         batch = min(feeds)
         measured = energy_mod.measured_energy(_call(runners[v.name], feeds[batch]), device)
-        if measured is not None:  # per sequence, as the estimate is
+        if measured is not None:  # per example, as the estimate is
             measured["mj_per_inference"] /= batch
         est["measured"] = measured
         results[v.name]["energy"] = est
@@ -328,7 +419,7 @@ def machine_info(threads: int, device: str) -> dict[str, Any]:
     }
 
 
-def _metrics(recipe: Recipe, variants: list[Variant], results: dict, data: TextClassificationData, device: str) -> dict:
+def _metrics(recipe: Recipe, variants: list[Variant], results: dict, workload: Workload, device: str) -> dict:
     m = recipe.spec.measure
     info = machine_info(m.threads, device)
     base = results[BASELINE]
@@ -362,7 +453,7 @@ def _metrics(recipe: Recipe, variants: list[Variant], results: dict, data: TextC
         "harness": {"threads": m.threads, "seq_len": m.seq_len, "batch_sizes": m.batch_sizes, "rounds": m.rounds,
                     "iters": m.iters, "warmup": m.warmup, "settle_ms": m.settle_ms, "device": device,
                     "machine": info["machine"], "versions": info["versions"]},
-        "task": {"name": data.name, "train_size": len(data.train_texts), "test_size": len(data.test_texts)},
+        "task": workload.info(),
         "baseline": BASELINE,
         "variants": out_variants,
     }

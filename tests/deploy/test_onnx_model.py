@@ -17,6 +17,10 @@ from slimkit.deploy.onnx_model import OnnxModel, node_layer_name
         ("/backbone/embeddings/word_embeddings/Gather", "Gather", "backbone.embeddings.word_embeddings"),
         ("/0/Gemm", "Gemm", "0"),
         ("/encoder/1/2/MatMul", "MatMul", "encoder.1.2"),
+        # Children of nn.Sequential repeat their container's name in the scope.
+        ("/stem/stem.0/Conv", "Conv", "stem.0"),
+        ("/features/features.1/conv/conv.0/conv.0.0/Conv", "Conv", "features.1.conv.0.0"),
+        ("/classifier/classifier.1/Gemm", "Gemm", "classifier.1"),
         ("Attention_3", "Attention", "backbone.encoder.layer.3.attention.self"),
         ("Attention_0", "Attention", "backbone.encoder.layer.0.attention.self"),
         ("Attention_11", "Attention", "backbone.encoder.layer.11.attention.self"),

@@ -23,7 +23,7 @@ from slimkit.prune.heads import choose, encoder_layers, gradient_scores, magnitu
 from slimkit.quantize import DynamicInt8Config
 from slimkit.quantize.api import transforms_of
 from slimkit.recipe import Recipe
-from slimkit.runner import apply_stages
+from slimkit.runner import StageContext, apply_stages
 from slimkit.serialize import load, save
 from slimkit.zoo.models import LoadedModel, TextEncoder
 
@@ -450,7 +450,7 @@ def test_the_recipe_stage_prunes_with_calibration_and_reports_the_pruned_archite
     model = tiny_bert()
     before = n_params(model.module)
     configs = [TransformerPruneConfig(heads=0.5, ffn=0.5, importance="taylor"), DynamicInt8Config()]
-    built, architecture = apply_stages(model, configs, tmp_path, calibration())
+    built, architecture = apply_stages(model, configs, tmp_path, StageContext(examples=calibration()))
     assert n_params(model.module) == before, "the recipe's model is untouched"
     assert head_counts(architecture.module) == [2, 2, 2] and widths(architecture.module) == [32, 32, 32]
     assert [t["config"]["method"] for t in transforms_of(built.module)] == ["transformer_structured", "dynamic_int8"]

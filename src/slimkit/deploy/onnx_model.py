@@ -49,10 +49,18 @@ def node_layer_name(node_name: str, op_type: str) -> str:
     """The PyTorch qualified name of the layer an exported node came from.
 
     The exporter scopes node names by module path (``/backbone/encoder/layer.0/output/dense/MatMul``);
-    fused nodes are named ``Attention_3``, which maps to the layer with that index.
+    a child of a container repeats the container's name (``/stem/stem.0/Conv`` is ``stem.0``,
+    ``/features/features.1/conv/conv.0/conv.0.0/Conv`` is ``features.1.conv.0.0``). Fused
+    nodes are named ``Attention_3``, which maps to the layer with that index.
     """
     if node_name.startswith("/"):
-        return node_name.strip("/").rsplit("/", 1)[0].replace("/", ".")
+        parts: list[str] = []
+        for scope in node_name.strip("/").split("/")[:-1]:
+            words = scope.split(".")
+            # The longest head of this scope that the path already ends with is repeated.
+            k = next((k for k in range(len(words) - 1, 0, -1) if parts[-k:] == words[:k] and len(parts) >= k), 0)
+            parts += words[k:]
+        return ".".join(parts)
     m = re.fullmatch(r"([A-Za-z]+)_(\d+)", node_name)
     if m and m.group(1) in _FUSED:
         return _FUSED[m.group(1)].format(m.group(2))

@@ -54,3 +54,17 @@ class OrtEncoder:
             feeds["token_type_ids"] = token_type_ids if token_type_ids is not None else np.zeros_like(input_ids)
         feeds = {k: np.ascontiguousarray(v, dtype=np.int64) for k, v in feeds.items() if k in self.input_names}
         return self.session.run(None, feeds)[0]
+
+
+class OrtRunner:
+    """Callable ONNX Runtime session for any exported model: positional numpy inputs in
+    the graph's input order, the first output returned."""
+
+    def __init__(self, path: str, threads: int = 1, device: str = "cpu"):
+        self.session = ort.InferenceSession(str(path), session_options(threads, device), providers=providers(device))
+        self.input_names = [i.name for i in self.session.get_inputs()]
+
+    def __call__(self, *inputs: np.ndarray) -> np.ndarray:
+        if len(inputs) != len(self.input_names):
+            raise ValueError(f"the model takes {len(self.input_names)} input(s) {self.input_names}, got {len(inputs)}")
+        return self.session.run(None, {n: np.ascontiguousarray(x) for n, x in zip(self.input_names, inputs, strict=True)})[0]

@@ -8,6 +8,7 @@ useful to compare variants, not a measurement of this machine.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,16 +26,33 @@ PJ_PER_MAC = {
 PJ_PER_DRAM_BYTE = 1950.0 / 8  # 1.3-2.6 nJ per 64-bit DRAM access, midpoint
 
 
-def linear_macs(model: nn.Module, inputs: tuple, linear_types: tuple[type, ...] = (nn.Linear,)) -> tuple[dict[str, int], int]:
-    """MACs of each Linear layer, and of the whole forward pass, for ``inputs``."""
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _layer_macs(module: nn.Module, out: torch.Tensor) -> int:
+    """MACs of one call of a Linear or convolution layer that produced ``out``."""
+    if isinstance(module, CONV_TYPES):
+        # Each output value sums over its group's input channels and the kernel window;
+        # a depthwise convolution (groups == channels) sums over the window alone.
+        return out.numel() * (module.in_channels // module.groups) * math.prod(module.kernel_size)
+    return out.numel() * module.in_features
+
+
+def layer_macs(model: nn.Module, inputs: tuple,
+               layer_types: tuple[type, ...] = (nn.Linear, *CONV_TYPES)) -> tuple[dict[str, int], int]:
+    """MACs of each Linear and convolution layer, and of the whole forward pass, for ``inputs``.
+
+    The per-layer counts are what precision changes: a layer computed in int8 is priced
+    at the int8 rate in :func:`estimate`.
+    """
     from torch.utils.flop_counter import FlopCounterMode
 
     per_layer: dict[str, int] = {}
     hooks = []
     for name, m in model.named_modules():
-        if isinstance(m, linear_types):
+        if isinstance(m, layer_types):
             def hook(mod, args, out, name=name):
-                per_layer[name] = per_layer.get(name, 0) + out.numel() * mod.in_features
+                per_layer[name] = per_layer.get(name, 0) + _layer_macs(mod, out)
             hooks.append(m.register_forward_hook(hook))
     counter = FlopCounterMode(display=False)
     try:
@@ -46,12 +64,17 @@ def linear_macs(model: nn.Module, inputs: tuple, linear_types: tuple[type, ...] 
     return per_layer, counter.get_total_flops() // 2
 
 
+def linear_macs(model: nn.Module, inputs: tuple, linear_types: tuple[type, ...] = (nn.Linear,)) -> tuple[dict[str, int], int]:
+    """MACs of each Linear layer, and of the whole forward pass, for ``inputs``."""
+    return layer_macs(model, inputs, linear_types)
+
+
 def estimate(total_macs: int, per_layer_macs: dict[str, int], low_layers: dict[str, str], weight_bytes: int) -> dict:
     """Estimated millijoules per inference.
 
     Args:
         total_macs: MACs of the fp32 forward pass.
-        per_layer_macs: MACs of each Linear layer.
+        per_layer_macs: MACs of each Linear and convolution layer.
         low_layers: qualified name (or prefix) of each layer computed in a lower precision
             mapped to ``"int8"`` or ``"fp16"``.
         weight_bytes: bytes of weights read once per inference.

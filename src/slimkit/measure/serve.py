@@ -1,6 +1,7 @@
 """Serve a saved variant for 20 inferences and report the process's peak memory.
 
-Run as ``python -m slimkit.measure.serve MODEL_DIR INPUTS.npz``. An ONNX variant is served
+Run as ``python -m slimkit.measure.serve MODEL_DIR INPUTS.npz`` (the model's inputs in
+order: token ids, mask and types for a text encoder, images for an image model). An ONNX variant is served
 through ONNX Runtime alone: this process then never imports torch, as in deployment.
 """
 
@@ -42,16 +43,17 @@ def main(argv: list[str] | None = None) -> int:
     meta = json.loads((Path(args.model_dir) / "slimkit.json").read_text())
     feeds = dict(np.load(args.inputs))
     if meta["framework"] == "onnx":
-        from slimkit.deploy.ort_runtime import OrtEncoder
+        from slimkit.deploy.ort_runtime import OrtEncoder, OrtRunner
 
-        run = OrtEncoder(str(Path(args.model_dir) / meta["weights"]), threads=args.threads)
+        cls = OrtEncoder if "input_ids" in feeds else OrtRunner
+        run = cls(str(Path(args.model_dir) / meta["weights"]), threads=args.threads)
     else:
         from slimkit.measure.runners import make_runner
         from slimkit.serialize import load
 
         run = make_runner(load(args.model_dir), threads=args.threads)
     for _ in range(args.runs):
-        out = run(feeds["input_ids"], feeds["attention_mask"], feeds["token_type_ids"])
+        out = run(*feeds.values())
     peak = peak_rss_bytes()
     print(json.dumps({"peak_rss_bytes": peak, "torch_imported": "torch" in sys.modules,
                       "output_shape": list(np.asarray(out).shape)}))

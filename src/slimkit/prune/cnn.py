@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
 from slimkit.config import SlimConfig
@@ -37,6 +37,47 @@ from slimkit.prune.importance import LossFn, channel_importance, taylor_importan
 from slimkit.registry import register
 
 _ROLES = ("out", "in", "norm", "depthwise")
+
+
+class ChannelBudget(BaseModel):
+    """Prune to a MAC or parameter budget, each group's ratio chosen by a sensitivity analysis.
+
+    Every prunable group is pruned alone at each of ``ratios`` and the model scored by the
+    evaluation function the caller gives (in a recipe: top-1 accuracy on ``images`` train
+    images held out from training); then :func:`slimkit.prune.ratios_for_budget` picks
+    the per-group ratios that meet the budget while losing the least.
+
+    Attributes:
+        macs: the fraction of the multiply-accumulates to keep, in ``(0, 1]``.
+        params: or the fraction of the parameters to keep.
+        ratios: the fractions of a group's channels removed that the analysis measures.
+        images: held-out train images each trial is evaluated on (in a recipe).
+        seed: which train images are held out (in a recipe).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    macs: float | None = Field(None, gt=0, le=1)
+    params: float | None = Field(None, gt=0, le=1)
+    ratios: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75], min_length=1)
+    images: int = Field(500, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_target(self) -> ChannelBudget:
+        if (self.macs is None) == (self.params is None):
+            raise ValueError("give one budget: macs (fraction of MACs kept) or params (fraction of parameters kept)")
+        if not all(0 < r < 1 for r in self.ratios):
+            raise ValueError("ratios: each is a fraction of a group's channels removed, in (0, 1)")
+        return self
+
+    @property
+    def kind(self) -> Literal["macs", "params"]:
+        return "macs" if self.macs is not None else "params"
+
+    @property
+    def target(self) -> float:
+        return float(self.macs if self.macs is not None else self.params)
 
 
 class ChannelPruneConfig(SlimConfig):
@@ -62,6 +103,9 @@ class ChannelPruneConfig(SlimConfig):
         example_input_shape: the shape of a float input the model accepts, e.g.
             ``[1, 3, 224, 224]``, used to trace it. The handler's ``example_input``
             argument overrides it.
+        budget: instead of ``ratio``, prune to a MAC or parameter budget with per-group
+            ratios chosen by a sensitivity analysis (see :class:`ChannelBudget`); needs an
+            ``evaluate`` function, and records the analysis with the result.
         kept: the structure the pruning left, which :func:`slimkit.prune_` records with
             the model: the new size of every resized module dimension, keyed
             ``"module:role"`` (role ``out``, ``in``, ``norm`` or ``depthwise``), e.g.
@@ -79,6 +123,7 @@ class ChannelPruneConfig(SlimConfig):
     min_channels: int = Field(1, ge=1)
     exclude: list[str] = Field(default_factory=list)
     example_input_shape: list[int] | None = None
+    budget: ChannelBudget | None = None
     kept: dict[str, int] | None = None
 
     @field_validator("ratio")
@@ -106,6 +151,8 @@ class ChannelPruneConfig(SlimConfig):
     def _global_needs_one_ratio(self) -> ChannelPruneConfig:
         if self.scope == "global" and isinstance(self.ratio, dict):
             raise ValueError("scope 'global' takes one ratio for all groups, not a ratio per group")
+        if self.budget is not None and self.scope == "global":
+            raise ValueError("a budget chooses per-group ratios from its sensitivity analysis; remove scope: global")
         return self
 
     @field_validator("kept")
@@ -161,6 +208,7 @@ def prune_channels(
     example_input: torch.Tensor | tuple | None = None,
     calibration: Iterable[Any] | None = None,
     loss_fn: LossFn | None = None,
+    evaluate: Callable[[nn.Module], float] | None = None,
     **_: Any,
 ) -> Pruned:
     """Remove channels of ``model`` in place as ``config`` says; use :func:`slimkit.prune_`.
@@ -173,6 +221,8 @@ def prune_channels(
         calibration: batches from the train split, for ``importance="taylor"``.
         loss_fn: ``loss_fn(model, batch) -> loss`` for ``taylor``; default a label-free
             probe of the output (see :func:`slimkit.prune.importance.taylor_importance`).
+        evaluate: ``evaluate(model) -> metric`` (higher is better) on held-out data that is
+            not the test split, for ``config.budget``'s sensitivity analysis.
 
     Returns:
         The qualified names of the modules that changed, sorted, and the config with
@@ -188,6 +238,9 @@ def prune_channels(
     if config.kept is not None:
         return Pruned(_resize(model, config.kept), config)
     x = _example(model, config, example_input)
+    analysis = None
+    if config.budget is not None:
+        config, analysis = _config_for_budget(model, x, config, evaluate, calibration, loss_fn)
     groups = channel_groups(model, x, config.exclude)
     ratios = _ratios(groups, config)
     chosen = [g for g in ratios if ratios[g] > 0]
@@ -201,7 +254,29 @@ def prune_channels(
         counts = {g: kept_channels(g.size, ratios[g], config.round_to, config.min_channels) for g in chosen}
     keep = {g: top_channels(scores[g], n) for g, n in counts.items() if n < g.size}
     kept = shrink_and_describe(model, keep)
-    return Pruned(sorted({key.rpartition(":")[0] for key in kept}), config.model_copy(update={"kept": kept}))
+    return Pruned(sorted({key.rpartition(":")[0] for key in kept}), config.model_copy(update={"kept": kept}),
+                  analysis)
+
+
+def _config_for_budget(model: nn.Module, x: Any, config: ChannelPruneConfig, evaluate, calibration,
+                       loss_fn) -> tuple[ChannelPruneConfig, dict[str, Any]]:
+    """``config`` with the per-group ratios that meet its budget, and the analysis that chose them."""
+    from slimkit.prune.sensitivity import channel_costs, channel_sensitivity, ratios_for_budget
+
+    budget = config.budget
+    assert budget is not None
+    if evaluate is None:
+        raise ConfigError(
+            "a channel pruning budget chooses each group's ratio by evaluating the pruned model: pass "
+            "evaluate=<model -> metric on held-out train data> (a recipe does), or give ratio instead"
+        )
+    costs = channel_costs(model, x, budget.kind, config.exclude)
+    sensitivity = channel_sensitivity(
+        model, x, evaluate, budget.ratios, importance=config.importance, round_to=config.round_to,
+        min_channels=config.min_channels, exclude=config.exclude, calibration=calibration, loss_fn=loss_fn)
+    choice = ratios_for_budget(sensitivity, costs, budget.target)
+    chosen = config.model_copy(update={"ratio": choice["ratios"]})
+    return chosen, {"sensitivity": sensitivity, "choice": choice, "metric": "validation accuracy"}
 
 
 def shrink_and_describe(model: nn.Module, keep: Mapping[ChannelGroup, torch.Tensor | Sequence[int]]) -> dict[str, int]:

@@ -69,10 +69,14 @@ def _render(metrics: dict[str, Any]) -> str:
     targets = metrics.get("targets")
     tables = ["summary-table", "energy-table"] + (["targets-table"] if targets else [])
     training = _training(variants, baseline, batch_sizes)
+    supervised = _supervised(variants)
     plot_ids = list(PLOT_IDS)
     if training:
         tables.append("training-table")
         plot_ids.append(training["plot"]["id"])
+    if supervised:
+        tables.append("supervised-table")
+        plot_ids.append(supervised["plot"]["id"])
     pruning = _pruning(variants)
     for section in pruning:
         tables.append(section["table_id"])
@@ -105,6 +109,8 @@ def _render(metrics: dict[str, Any]) -> str:
         targets_met=sum(1 for t in targets or [] if t.get("met") is True),
         energy=_energy(variants),
         training=training,
+        supervised=supervised,
+        image_task=_get(metrics, "task", "kind") == "image",
         pruning=pruning,
         memory=memory,
         expected_plots=plot_ids,
@@ -207,8 +213,22 @@ def _task_rows(task: Any) -> list[tuple[str, str]]:
     ]
 
 
+def task_accuracy(v: dict[str, Any]) -> tuple[Any, Any]:
+    """A variant's task accuracy and its drop from the baseline in points: top-1 for an
+    image classifier, the frozen head's for a text encoder."""
+    acc = v.get("accuracy") or {}
+    if "top1" in acc:
+        return acc.get("top1"), acc.get("top1_drop_pp")
+    return acc.get("frozen_head"), acc.get("frozen_head_drop_pp")
+
+
+def _accuracy_name(variants: list[dict[str, Any]]) -> str:
+    return "Top-1 accuracy" if any("top1" in (v.get("accuracy") or {}) for v in variants) else "Frozen-head accuracy"
+
+
 def _summary_row(v: dict[str, Any], baseline: str | None, batch_sizes: list[int]) -> dict:
     acc = v.get("accuracy") or {}
+    accuracy, drop = task_accuracy(v)
     latency = v.get("latency") or {}
     lat_cells = []
     for b in batch_sizes:
@@ -232,8 +252,9 @@ def _summary_row(v: dict[str, Any], baseline: str | None, batch_sizes: list[int]
         ],
         "rss": _fmt(v.get("peak_rss_bytes"), "{:,.1f}", 1e-6),
         "rss_ratio": _ratio(v.get("rss_ratio")),
-        "frozen": _pct(acc.get("frozen_head")),
-        "drop": _fmt(acc.get("frozen_head_drop_pp"), "{:.2f} pp"),
+        "frozen": _pct(accuracy),
+        "drop": _fmt(drop, "{:.2f} pp"),
+        "agreement": _pct(acc.get("agreement")),
         "refit": _pct(acc.get("refit")),
         "cos_mean": _fmt(acc.get("cosine_mean"), "{:.4f}"),
         "cos_min": _fmt(acc.get("cosine_min"), "{:.4f}"),
@@ -254,8 +275,8 @@ def _headline(variants: list[dict], baseline: str | None, batch_sizes: list[int]
         parts.append(f"{_ratio(lat)} latency at batch {b}")
     parts.append(f"{_ratio(out.get('size_ratio'))} size")
     parts.append(f"{_ratio(out.get('rss_ratio'))} peak memory")
-    drop = _fmt(_get(out, "accuracy", "frozen_head_drop_pp"), "{:.2f} pp")
-    parts.append(f"frozen-head accuracy drop {drop}")
+    drop = _fmt(task_accuracy(out)[1], "{:.2f} pp")
+    parts.append(f"{'top-1' if 'top1' in (out.get('accuracy') or {}) else 'frozen-head'} accuracy drop {drop}")
     return f"{_text(out.get('name'))} vs {baseline}: " + ", ".join(parts) + "."
 
 
@@ -307,7 +328,7 @@ def _energy(variants: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _training(variants: list[dict[str, Any]], baseline: str | None, batch_sizes: list[int]) -> dict | None:
     """The teacher / student table and training curves, when a variant was distilled."""
-    trained = [(v, t) for v in variants for t in (v.get("training") or [])]
+    trained = [(v, t) for v in variants for t in (v.get("training") or []) if t.get("kind") != "train"]
     if not trained:
         return None
     b1 = str(1 if 1 in batch_sizes else (batch_sizes[0] if batch_sizes else 1))
@@ -382,11 +403,48 @@ def _pruning(variants: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sections
 
 
-def _training_plot(trained: list[tuple[dict, dict]]) -> str:
-    panels = [("val_cosine", "Validation cosine to teacher", "mean cosine")]
-    # The task panel appears where a stage could score the task (its texts had labels).
-    if any(_num(e.get("val_accuracy")) is not None for _, t in trained for e in t.get("evals") or []):
-        panels.append(("val_accuracy", "Held-out accuracy (frozen head)", "accuracy"))
+def _supervised(variants: list[dict[str, Any]]) -> dict | None:
+    """The table and curves of the train stages (fine-tuning on labels, recovery after pruning)."""
+    trained, rows, seen = [], [], set()
+    for v in variants:
+        for t in v.get("training") or []:
+            if t.get("kind") != "train":
+                continue
+            # Variants that share their first stages share their training: show it once.
+            key = (t.get("stage"), t.get("steps"), t.get("seconds"))
+            first = key not in seen
+            seen.add(key)
+            if first:
+                trained.append((v, t))
+            rows.append({
+                "name": _text(v.get("name")), "stage": _fmt(t.get("stage"), "{:.0f}"),
+                "teacher": "labels + baseline's logits" if t.get("teacher") == "baseline" else "labels",
+                "head": f"new, {t['head']['classes']} classes" if t.get("head") else "kept",
+                "images": _fmt(t.get("train_images"), "{:,.0f}"), "val": _fmt(t.get("validation_images"), "{:,.0f}"),
+                "steps": _fmt(t.get("steps"), "{:,.0f}"), "seen": _fmt(t.get("images_seen"), "{:,.0f}"),
+                "minutes": _fmt(t.get("seconds"), "{:.1f}", 1 / 60),
+                "before": _pct(_get(t, "before", "val_accuracy")), "after": _pct(_get(t, "best", "value")),
+                "stopped": "yes" if t.get("stopped_early") else "no", "shared": not first,
+                "is_output": bool(v.get("is_output")),
+            })
+    if not rows:
+        return None
+    plot = {
+        "id": "plot-supervised",
+        "src": _training_plot(trained, panels=[("val_accuracy", "Validation accuracy", "top-1 accuracy")]),
+        "alt": "Training loss per step and validation accuracy per evaluation, per train stage",
+        "caption": "Training on labels: the loss (left) and the top-1 accuracy on the train images held out "
+                   "for validation, per train stage; the test split is not used.",
+    }
+    return {"rows": rows, "plot": plot}
+
+
+def _training_plot(trained: list[tuple[dict, dict]], panels: list[tuple[str, str, str]] | None = None) -> str:
+    if panels is None:
+        panels = [("val_cosine", "Validation cosine to teacher", "mean cosine")]
+        # The task panel appears where a stage could score the task (its texts had labels).
+        if any(_num(e.get("val_accuracy")) is not None for _, t in trained for e in t.get("evals") or []):
+            panels.append(("val_accuracy", "Held-out accuracy (frozen head)", "accuracy"))
 
     def draw(fig: Figure) -> None:
         loss_ax, *val_axes = fig.subplots(1, 1 + len(panels))
@@ -579,10 +637,11 @@ def _plots(variants: list[dict], baseline: str | None, batch_sizes: list[int]) -
         {
             "id": "plot-accuracy",
             "src": _accuracy_plot(variants, names, colors, output, baseline),
-            "alt": "Frozen-head accuracy per variant",
-            "caption": "Frozen-head accuracy: the baseline's classifier head on each "
-                       "variant's embeddings; labels give the drop in percentage points. "
-                       "The axis is zoomed in to show small differences.",
+            "alt": f"{_accuracy_name(variants)} per variant",
+            "caption": ("Top-1 accuracy of each variant's own classifier on the test split"
+                        if _accuracy_name(variants).startswith("Top") else
+                        "Frozen-head accuracy: the baseline's classifier head on each variant's embeddings")
+                       + "; labels give the drop in percentage points. The axis is zoomed in to show small differences.",
         },
     ]
     assert tuple(p["id"] for p in plots) == PLOT_IDS
@@ -711,8 +770,8 @@ def _accuracy_plot(
 ) -> str:
     def draw(fig: Figure) -> None:
         ax = fig.add_subplot()
-        title = "Frozen-head accuracy"
-        accs = [_num(_get(v, "accuracy", "frozen_head")) for v in variants]
+        title = _accuracy_name(variants)
+        accs = [_num(task_accuracy(v)[0]) for v in variants]
         present = [a * 100 for a in accs if a is not None]
         if not present:
             _no_data(ax, title)
@@ -727,7 +786,7 @@ def _accuracy_plot(
             x = a * 100
             ax.hlines(i, left, x, color="#ddd", lw=1, zorder=1)
             ax.plot(x, i, "o", color=colors[i], ms=8, zorder=2)
-            drop = _fmt(_get(variants[i], "accuracy", "frozen_head_drop_pp"), "{:.2f} pp")
+            drop = _fmt(task_accuracy(variants[i])[1], "{:.2f} pp")
             ax.text(x + (right - left) * 0.03, i, f"{x:.1f}%  (drop {drop})", va="center",
                     bbox={"fc": "white", "ec": "none", "pad": 1})  # stay legible over the line
         base = next((a for v, a in zip(variants, accs, strict=True)
@@ -768,7 +827,7 @@ def _tradeoff_plot(variants: list[dict], baseline: str | None, batch: int) -> di
     points, missing = [], []
     for v in variants:
         x = _num(_get(v, "latency", str(batch), "ratio_to_baseline"))
-        y = _num(_get(v, "accuracy", "frozen_head_drop_pp"))
+        y = _num(task_accuracy(v)[1])
         if x is None or y is None:
             missing.append(_text(v.get("name")))
         else:
@@ -803,7 +862,7 @@ def _tradeoff_plot(variants: list[dict], baseline: str | None, batch: int) -> di
         ax.text(0.01, 0.02, "↙ better: faster and less accuracy lost", transform=ax.transAxes,
                 color="#2a7a2a", fontsize=9)
         ax.set_xlabel(f"latency at batch {batch}, relative to baseline (×, lower is faster)")
-        ax.set_ylabel("frozen-head accuracy drop (pp, lower is better)")
+        ax.set_ylabel(f"{_accuracy_name(variants).lower()} drop (pp, lower is better)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
 

@@ -12,6 +12,7 @@ such as MobileNetV2 takes: three channels, resized, normalised.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import gzip
 import os
@@ -82,6 +83,19 @@ class ImageClassificationData:
     test_x: np.ndarray
     test_y: np.ndarray
     label_names: list[str]
+
+    def limited(self, train_limit: int | None, test_limit: int | None) -> ImageClassificationData:
+        """The first examples of each split, for quicker runs (the test split stays fixed)."""
+        out = dataclasses.replace(
+            self, train_x=self.train_x[:train_limit], train_y=self.train_y[:train_limit],
+            test_x=self.test_x[:test_limit], test_y=self.test_y[:test_limit],
+        )
+        if len(set(out.train_y.tolist())) < 2:
+            raise DataError(
+                f"{self.name}: the first {train_limit} train images all have one label; raise "
+                "task.train_limit so training sees every label"
+            )
+        return out
 
     def validation_split(
         self, n_val: int, seed: int
@@ -258,7 +272,8 @@ def load_image_task(
     ``color="rgb"`` and ``size=...``, then feed batches through :func:`imagenet_batch`.
 
     Args:
-        source: ``"fashion-mnist"`` or the path of such a folder.
+        source: ``"fashion-mnist"``, the path of such a folder, or of a CSV file of image
+            paths and labels (see :func:`load_image_csv`).
         color: for a folder, read images as ``"grey"`` (``[N, H, W]``) or ``"rgb"``
             (``[N, H, W, 3]``). Fashion-MNIST is greyscale; :func:`imagenet_batch`
             replicates it to three channels per batch.
@@ -278,6 +293,8 @@ def load_image_task(
     if color not in ("grey", "rgb"):
         raise DataError(f"color={color!r}: read images as 'grey' or 'rgb'")
     shape = _size(size)
+    if source.lower().endswith(".csv"):
+        return load_image_csv(source, color=color, size=size)
     if source == "fashion-mnist":
         if color != "grey" or shape is not None:
             raise DataError(
@@ -287,6 +304,71 @@ def load_image_task(
             )
         return load_fashion_mnist()
     return _load_image_folder(source, Path(source), "RGB" if color == "rgb" else "L", shape)
+
+
+def load_image_csv(
+    path: str | Path,
+    *,
+    image_column: str = "image",
+    label_column: str = "label",
+    color: Literal["grey", "rgb"] = "grey",
+    size: int | Sequence[int] | None = None,
+) -> ImageClassificationData:
+    """Load images listed in a CSV file, one row per image: its path and its label.
+
+    Paths are read relative to the CSV file's folder unless absolute. Labels are any
+    strings; class names are their sorted distinct values. The rows are split 80/20 into
+    train and test by the same seeded shuffle as text tasks
+    (:data:`slimkit.zoo.tasks.SPLIT_SEED`), so every run sees the same test images.
+
+    Args:
+        path: the CSV file (UTF-8, with a header row).
+        image_column: the column holding each image's path.
+        label_column: the column holding each image's class.
+        color: read images as ``"grey"`` or ``"rgb"``.
+        size: resize every image to this side or ``(height, width)``; without it all
+            images must have the size of the first train image.
+
+    Raises:
+        DataError: a missing file or column, an unreadable or missing image, fewer than
+            two classes, or a train split with a single class.
+    """
+    from slimkit.zoo.tasks import SPLIT_SEED, TEST_FRACTION
+
+    if color not in ("grey", "rgb"):
+        raise DataError(f"color={color!r}: read images as 'grey' or 'rgb'")
+    shape = _size(size)
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such CSV file; give a CSV with an {image_column!r} and a {label_column!r} column")
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in (image_column, label_column) if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DataError(
+                f"{path}: no column {missing[0]!r}; columns are {reader.fieldnames}; set "
+                "task.image_column and task.label_column"
+            )
+        rows = [(row[image_column], row[label_column]) for row in reader]
+    if not rows:
+        raise DataError(f"{path}: no rows; list one image path and label per row")
+    names = sorted({label for _, label in rows})
+    if len(names) < 2:
+        raise DataError(f"{path}: every row has the label {names[0]!r}; a classification task needs at least two")
+    index = {n: i for i, n in enumerate(names)}
+    files = [((path.parent / p) if not Path(p).is_absolute() else Path(p), index[label]) for p, label in rows]
+    order = np.random.default_rng(SPLIT_SEED).permutation(len(files))
+    n_test = max(1, int(round(len(files) * TEST_FRACTION)))
+    test, train = [files[i] for i in order[:n_test]], [files[i] for i in order[n_test:]]
+    if len({label for _, label in train}) < 2:
+        raise DataError(f"{path}: after the 80/20 split the train part ({len(train)} rows) has a single label; "
+                        "give more rows of each label")
+    mode = "RGB" if color == "rgb" else "L"
+    reference = train[0][0]
+    first = _read_image(reference, mode, shape).shape
+    x_train, y_train = _read_images(train, first, reference, mode, shape)
+    x_test, y_test = _read_images(test, first, reference, mode, shape)
+    return ImageClassificationData(str(path), x_train, y_train, x_test, y_test, names)
 
 
 def _size(size: int | Sequence[int] | None) -> tuple[int, int] | None:
@@ -344,6 +426,40 @@ def imagenet_batch(
     m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return (x - m) / s
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """How a batch of task images becomes a model's input tensor.
+
+    Attributes:
+        size: ``(height, width)`` the model takes, or None to keep the images' own size.
+        channels: 3 (greyscale replicated, as ImageNet backbones take it) or 1 (RGB
+            averaged to grey).
+        normalize: ``imagenet`` subtracts ImageNet's per-channel mean and divides by its
+            standard deviation (what pretrained backbones such as MobileNetV2 expect);
+            ``none`` keeps values in ``[0, 1]``.
+    """
+
+    size: tuple[int, int] | None = None
+    channels: Literal[1, 3] = 3
+    normalize: Literal["imagenet", "none"] = "imagenet"
+
+    def __call__(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """``[N, H, W]`` or ``[N, H, W, 3]`` images in ``[0, 1]`` as float32 ``[N, C, height, width]``."""
+        imagenet = self.normalize == "imagenet"
+        if self.channels == 3:
+            mean, std = (IMAGENET_MEAN, IMAGENET_STD) if imagenet else ((0.0,) * 3, (1.0,) * 3)
+            return imagenet_batch(images, self.size, mean, std)
+        x = torch.as_tensor(images)
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+        x = (x.mean(-1) if x.dim() == 4 else x).unsqueeze(1)
+        if self.size is not None and tuple(x.shape[2:]) != self.size:
+            shrinking = self.size[0] < x.shape[2] or self.size[1] < x.shape[3]
+            x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False, antialias=shrinking)
+        if imagenet:
+            x = (x - sum(IMAGENET_MEAN) / 3) / (sum(IMAGENET_STD) / 3)
+        return x
 
 
 def _load_image_folder(name: str, root: Path, mode: str = "L", size: tuple[int, int] | None = None) -> ImageClassificationData:

@@ -1,0 +1,77 @@
+"""What the harness feeds a model and how it scores it: a text task or an image task.
+
+The runner is the same for every model; a :class:`Workload` holds what differs between a
+text encoder with a tokenizer and an image classifier: the inputs that are timed, the
+calibration examples, the data training stages learn from, and the task metric. Every
+example that something learns from comes from the train split; the metric is computed on
+the whole fixed test split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from slimkit.errors import ConfigError
+
+# A variant as the harness calls it: positional numpy inputs, in the order of the feed.
+Runner = Callable[..., np.ndarray]
+Progress = Callable[[int], None]
+
+
+class Workload(Protocol):
+    """The task side of a run; :func:`workload_for` builds the right one."""
+
+    kind: str  # "text" or "image"
+    name: str
+
+    def timing_feed(self, batch: int) -> dict[str, np.ndarray]:
+        """Inputs of ``batch`` test examples, keyed by the exported model's input names,
+        in the order the model takes them."""
+
+    def serve_feed(self) -> dict[str, np.ndarray]:
+        """One example, for the peak memory of a fresh serving process."""
+
+    def calibration(self, n: int, framework: str) -> list[Any]:
+        """``n`` single train examples: dicts by input name for ONNX models (and text
+        models, which take keyword inputs), positional tuples for PyTorch image models."""
+
+    def torch_inputs(self, feed: dict[str, np.ndarray], device: str) -> dict[str, torch.Tensor] | tuple:
+        """``feed`` as the PyTorch model is called with it."""
+
+    def count_inputs(self, feed: dict[str, np.ndarray]) -> tuple:
+        """One example of ``feed`` for counting multiply-accumulates."""
+
+    def accuracy(self, runners: dict[str, Runner], baseline: str, progress: Callable[[str, int], Progress]) -> dict[str, dict]:
+        """The task metric of every variant, and how far each is from ``baseline``'s."""
+
+    def info(self) -> dict[str, Any]:
+        """Name and split sizes, for ``metrics.json``."""
+
+
+def workload_for(task: Any, model: Any, seq_len: int = 128) -> Workload:
+    """The workload of a recipe's ``task`` for ``model``.
+
+    An image task (``fashion-mnist``, an image folder, a CSV of image paths) needs a model
+    without a tokenizer; a text task needs one with a tokenizer.
+    """
+    from slimkit.measure.image_workload import ImageWorkload, is_image_task
+    from slimkit.measure.text_workload import TextWorkload
+
+    if is_image_task(task):
+        if model.tokenizer is not None:
+            raise ConfigError(
+                f"task.source: {task.source!r} is an image task, but the model is a text encoder with a "
+                "tokenizer; give an image model (mobilenet-v2, a saved slimkit folder or 'package.module:function')"
+            )
+        return ImageWorkload.from_spec(task, model)
+    if model.tokenizer is None:
+        raise ConfigError(
+            f"task.source: {task.source!r} is a text task, but the model has no tokenizer; give a Hugging "
+            "Face model directory with its tokenizer files, or an image task (fashion-mnist, an image "
+            "folder, or a CSV with task.image_column) for an image model"
+        )
+    return TextWorkload.from_spec(task, model, seq_len)

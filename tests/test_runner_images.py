@@ -1,0 +1,128 @@
+"""A whole recipe run on an image task: a user CNN given as package.module:function, an
+image folder, and every stage of the vision pipeline (train, prune, recovery, ONNX int8)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import write_image_folder
+
+from slimkit import serialize
+from slimkit.deploy.ort_runtime import OrtRunner
+from slimkit.recipe import Recipe
+from slimkit.runner import run
+
+TESTS_DIR = Path(__file__).resolve().parent
+TRAIN = {"max_steps": 30, "batch_size": 16, "lr": 3e-2, "validation": 24, "eval_every": 10, "patience": None}
+
+
+def recipe(folder) -> dict:
+    return {
+        "name": "tiny-vision",
+        "model": "tiny_models:tiny_classifier",
+        "task": {"source": str(folder), "image_size": 16, "normalize": "none"},
+        "prepare": [{"train": TRAIN}],
+        "variant": "pruned-int8",
+        "stages": [
+            {"prune": {"method": "channels", "budget": {"macs": 0.7, "ratios": [0.5], "images": 24}}},
+            {"train": {**TRAIN, "teacher": "baseline", "max_steps": 10}},
+            {"export": {}},
+            {"quantize": {"method": "ort_static_int8", "calibration_samples": 16}},
+        ],
+        "compare": [
+            {"name": "ort-fp32", "stages": [{"export": {}}]},
+            {"name": "pruned-fp32", "stages": [
+                {"prune": {"method": "channels", "budget": {"macs": 0.7, "ratios": [0.5], "images": 24}}},
+                {"train": {**TRAIN, "teacher": "baseline", "max_steps": 10}}]},
+        ],
+        "measure": {"batch_sizes": [1, 4], "rounds": 2, "iters": 2, "warmup": 1, "threads": 1},
+    }
+
+
+@pytest.fixture(scope="module")
+def run_folder(tmp_path_factory):
+    folder = write_image_folder(tmp_path_factory.mktemp("images"))
+    # The serving process that measures peak memory imports the model's factory too.
+    before = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS_DIR), before]))
+    try:
+        return run(Recipe.from_dict(recipe(folder)), tmp_path_factory.mktemp("runs") / "tiny-vision", progress=False)
+    finally:
+        if before is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = before
+
+
+def variants(run_folder) -> dict[str, dict]:
+    m = json.loads((run_folder / "metrics.json").read_text())
+    return {v["name"]: v for v in m["variants"]}
+
+
+def test_the_run_writes_every_variant_and_the_image_task(run_folder):
+    m = json.loads((run_folder / "metrics.json").read_text())
+    assert m["task"]["kind"] == "image" and m["task"]["classes"] == ["class0", "class1", "class2"]
+    assert m["task"]["train_size"] == 120 and m["task"]["test_size"] == 36
+    assert m["task"]["input"] == {"size": [16, 16], "channels": 3, "normalize": "none"}
+    assert sorted(variants(run_folder)) == ["fp32", "ort-fp32", "pruned-fp32", "pruned-int8"]
+    assert not list(run_folder.parent.glob(".*checkpoints")), "training checkpoints go once the run is complete"
+
+
+def test_the_baseline_is_the_fine_tuned_model_with_a_head_for_the_task(run_folder):
+    v = variants(run_folder)["fp32"]
+    assert [s["kind"] for s in v["stages"]] == ["train"]
+    (record,) = v["training"]
+    assert record["kind"] == "train" and record["steps"] == 30 and record["head"]["classes"] == 3
+    assert record["train_images"] == 96 and record["validation_images"] == 24
+    model = serialize.load(run_folder / "variants" / "fp32")
+    assert model.module.head.out_features == 3, "the saved model rebuilds the new head"
+    # The classes are a bright bar's position: a few steps learn them.
+    assert v["accuracy"]["top1"] >= 0.9 and v["accuracy"]["top1_drop_pp"] == 0.0
+
+
+def test_pruning_met_its_mac_budget_and_the_recovery_distilled_the_baseline(run_folder):
+    vs = variants(run_folder)
+    out, fp32 = vs["pruned-int8"], vs["fp32"]
+    (analysis,) = out["pruning"]
+    assert analysis["choice"]["cost"] <= analysis["choice"]["budget"] and analysis["choice"]["kind"] == "macs"
+    assert analysis["metric"] == "validation accuracy" and analysis["sensitivity"]["groups"]
+    assert [t["kind"] for t in out["training"]] == ["train"] and out["training"][0]["teacher"] == "baseline"
+    # The same prune and recovery built both pruned variants once: the same records.
+    assert vs["pruned-fp32"]["pruning"] == out["pruning"] and vs["pruned-fp32"]["training"] == out["training"]
+    assert out["energy"]["macs"] < 0.75 * fp32["energy"]["macs"]
+    assert out["energy"]["int8_mac_fraction"] > 0.9, "static int8 prices the convolutions and the head as int8"
+    assert vs["ort-fp32"]["energy"]["int8_mac_fraction"] == 0.0
+
+
+def test_every_variant_is_scored_on_the_whole_test_split_against_the_baseline(run_folder):
+    vs = variants(run_folder)
+    base = vs["fp32"]["accuracy"]["top1"]
+    for name, v in vs.items():
+        acc = v["accuracy"]
+        assert set(acc) == {"top1", "top1_drop_pp", "agreement"}
+        assert acc["top1"] * 36 == pytest.approx(round(acc["top1"] * 36)), "a fraction of the 36 test images"
+        assert acc["top1_drop_pp"] == pytest.approx((base - acc["top1"]) * 100), name
+    assert vs["ort-fp32"]["accuracy"]["agreement"] == 1.0, "ONNX Runtime fp32 predicts what PyTorch does"
+    for v in vs.values():
+        assert set(v["latency"]) == {"1", "4"} and v["peak_rss_bytes"] > 0
+
+
+def test_the_int8_output_answers_like_the_saved_pytorch_variant(run_folder):
+    fp32 = serialize.load(run_folder / "variants" / "pruned-fp32").module
+    x = torch.rand(4, 3, 16, 16)
+    with torch.no_grad():
+        ref = fp32(x).numpy()
+    out = OrtRunner(str(run_folder / "model.onnx"))(x.numpy())
+    assert out.shape == (4, 3)
+    assert (out.argmax(1) == ref.argmax(1)).mean() >= 0.75
+    assert np.corrcoef(out.ravel(), ref.ravel())[0, 1] > 0.95
+
+
+def test_the_report_shows_top1_accuracy(run_folder):
+    html = (run_folder / "report.html").read_text()
+    assert "top-1" in html.lower() and "pruned-int8" in html
