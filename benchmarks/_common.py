@@ -30,7 +30,8 @@ def git_commit() -> str | None:
 
 
 def target(name: str, value: float | None, op: str, threshold: float, unit: str = "") -> dict:
-    ops = {"<=": lambda a, b: a <= b, "<": lambda a, b: a < b, ">=": lambda a, b: a >= b, ">": lambda a, b: a > b}
+    ops = {"<=": lambda a, b: a <= b, "<": lambda a, b: a < b, ">=": lambda a, b: a >= b, ">": lambda a, b: a > b,
+           "==": lambda a, b: a == b}
     met = value is not None and ops[op](value, threshold)
     return {"name": name, "value": value, "op": op, "threshold": threshold, "unit": unit, "met": met}
 

@@ -34,7 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     p_prof.add_argument("--top", type=int, default=10, help="largest live tensors to list (default 10)")
     p_prof.add_argument("--snapshot", metavar="PATH",
                         help="on CUDA, write the allocator's snapshot for PyTorch's memory viewer")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may also follow the options (`run R -o out a.b=1`), where argparse leaves them.
+    unknown = [a for a in extra if a.startswith("-") or "=" not in a]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = [*args.overrides, *extra]
 
     from slimkit.recipe import Recipe
 

@@ -160,20 +160,37 @@ class Recipe:
 
 
 def apply_override(raw: dict, item: str) -> None:
-    """Set ``a.b.c=value`` in ``raw``; the value is read as YAML (``3``, ``true``, ``[1, 8]``)."""
+    """Set ``a.b.c=value`` in ``raw``; the value is read as YAML (``3``, ``true``, ``[1, 8]``).
+
+    A number in the path indexes a list: ``stages.1.train.max_steps=100`` changes the
+    second stage.
+    """
     key, sep, value = item.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {item!r}: write it as key.path=value, e.g. measure.rounds=3")
-    node = raw
-    parts = key.split(".")
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {item!r}: {p} is not a mapping")
     try:
-        node[parts[-1]] = yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
     except yaml.YAMLError as e:
         raise ConfigError(f"override {item!r}: the value is not valid YAML ({e})") from None
+    node: Any = raw
+    parts = key.split(".")
+    for depth, p in enumerate(parts):
+        last = depth == len(parts) - 1
+        if isinstance(node, list):
+            if not p.isdigit() or int(p) >= len(node):
+                where = ".".join(parts[:depth]) or "the recipe"
+                raise ConfigError(f"override {item!r}: {where} is a list of {len(node)}; index it with 0 to {len(node) - 1}")
+            if last:
+                node[int(p)] = parsed
+            else:
+                node = node[int(p)]
+        elif isinstance(node, dict):
+            if last:
+                node[p] = parsed
+            else:
+                node = node.setdefault(p, {})
+        else:
+            raise ConfigError(f"override {item!r}: {'.'.join(parts[:depth])} is a value, not a mapping or list")
 
 
 def parse_stages(stages: list, where: str, problems: list[str]) -> list[SlimConfig]:

@@ -298,3 +298,31 @@ def test_dynamic_fallback_scores_layers_on_fallback_samples_inputs(exported, mon
                        source=source)
     assert seen == [(["0", "2"], 3)]
     assert len(layers) == 1 and op_types(exported.path).count("MatMulInteger") == 1
+
+
+def exported_cnn(tmp_path):
+    from tiny_models import tiny_classifier
+
+    module, example = tiny_classifier()
+    return export(LoadedModel(module.eval(), {"kind": "callable", "ref": "tiny_models:tiny_classifier"},
+                              example_inputs=example), ExportConfig(), workdir=tmp_path), module
+
+
+@pytest.mark.parametrize("ops, between", [("auto", True), ("all", True), ("weighted", False)])
+def test_static_int8_keeps_a_cnn_int8_between_its_layers(tmp_path, ops, between):
+    onnx_model, module = exported_cnn(tmp_path)
+    g = torch.Generator().manual_seed(3)
+    calibration = [{"input_0": torch.rand(2, 3, 16, 16, generator=g).numpy()} for _ in range(8)]
+    layers = quantize_(onnx_model, OrtStaticInt8Config(ops=ops), calibration=calibration)
+    assert layers == ["block.0", "block.3", "head", "stem.0"]
+    graph = onnx.load(str(onnx_model.path)).graph
+    consumers = {i: n.op_type for n in graph.node for i in n.input}
+    (add,) = [n for n in graph.node if n.op_type == "Add"]
+    # The residual add's sum is quantized for the next layer, or left in float.
+    assert (consumers[add.output[0]] == "QuantizeLinear") == between
+    assert ("Relu" in {n.op_type for n in graph.node}) != between, "a quantized Relu folds into its range"
+    x = torch.rand(4, 3, 16, 16, generator=g)
+    with torch.no_grad():
+        ref = module(x).numpy()
+    out = run_onnx(onnx_model.path, x)
+    assert cosine_rows(out, ref).min() > 0.98

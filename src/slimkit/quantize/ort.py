@@ -19,6 +19,12 @@ from slimkit.layers import select_names
 from slimkit.registry import register
 
 QUANTIZABLE = ("MatMul", "Gemm", "Attention", "Gather", "EmbedLayerNormalization", "Conv")
+# Static int8: the operators with weights, which layer selection chooses among, and the
+# operators between them that ONNX Runtime also runs on int8 tensors (a Clip or Relu
+# after a convolution is folded into its output range).
+WEIGHTED_OPS = ("MatMul", "Gemm", "Conv")
+BETWEEN_OPS = ("Add", "Mul", "Clip", "Relu", "AveragePool", "GlobalAveragePool", "MaxPool", "Concat", "Flatten",
+               "Reshape", "Squeeze", "Unsqueeze", "Resize", "Pad", "Sigmoid", "Split", "Transpose")
 
 
 class OrtDynamicInt8Config(SlimConfig):
@@ -62,6 +68,13 @@ class OrtStaticInt8Config(SlimConfig):
             without one); no calibration data is needed. Trained ranges are used exactly
             (their scale and zero point), and layer outputs are then not re-quantized, as
             the fake-quantized model did not round them.
+        ops: which operators compute in int8. ``weighted``: the layers with weights
+            (MatMul, Gemm, Conv) only. ``all``: also the operators between them (residual
+            adds, activations such as ReLU6's Clip, pooling, reshapes), so that a CNN's
+            activations stay int8 from layer to layer instead of being dequantized and
+            quantized again around every one; on MobileNetV2 under ONNX Runtime's CPU
+            provider that halves the int8 latency. ``auto``: ``all`` for graphs with
+            convolutions, ``weighted`` otherwise (transformer encoders).
     """
 
     kind = "quantize"
@@ -71,6 +84,7 @@ class OrtStaticInt8Config(SlimConfig):
     calibrate_method: Literal["minmax", "entropy", "percentile"] = "minmax"
     activation_ranges: Literal["auto", "calibrate", "trained"] = "auto"
     layers: LayerSelector = Field(default_factory=LayerSelector)
+    ops: Literal["auto", "weighted", "all"] = "auto"
 
 
 def _check_onnx(model: Any, config: SlimConfig) -> OnnxModel:
@@ -152,11 +166,15 @@ def _static(model: Any, config: OrtStaticInt8Config, calibration: list[dict[str,
     )
 
     model = _check_onnx(model, config)
-    ops = ["MatMul", "Gemm", "Conv"]
+    ops = list(WEIGHTED_OPS)
     # The graph is enough to choose nodes; the weights are read only to write trained ranges.
     proto = onnx.load(str(model.path), load_external_data=False)
     keep, layers = _choose_nodes(proto.graph, config.layers, ops)
     trained = {} if config.activation_ranges == "calibrate" else _trained_ranges(source, config)
+    # With trained ranges the operators between layers would have no range but calibration's.
+    convolutional = any(n.op_type == "Conv" for n in proto.graph.node)
+    between = config.ops == "all" or (config.ops == "auto" and convolutional and not trained)
+    quantized_ops = ops + list(BETWEEN_OPS) if between else ops
     if config.activation_ranges == "trained":
         missing = [layer for layer in layers if layer not in trained]
         if missing:
@@ -205,7 +223,7 @@ def _static(model: Any, config: OrtStaticInt8Config, calibration: list[dict[str,
     with _quiet():
         quantize_static(
             str(src), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=config.per_channel,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=ops,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=quantized_ops,
             nodes_to_exclude=keep, calibrate_method=method, extra_options=extra,
         )
     model.path = out
