@@ -178,9 +178,21 @@ def test_apply_override_malformed(item):
         apply_override({}, item)
 
 
-def test_apply_override_through_a_non_mapping():
-    with pytest.raises(ConfigError, match="stages is not a mapping"):
+def test_apply_override_through_a_list_needs_an_index():
+    with pytest.raises(ConfigError, match=r"stages is a list of 1; index it with 0 to 0"):
         apply_override({"stages": [{"quantize": {}}]}, "stages.method=x")
+    with pytest.raises(ConfigError, match=r"stages is a list of 1; index it with 0 to 0"):
+        apply_override({"stages": [{"quantize": {}}]}, "stages.3.quantize.method=x")
+    with pytest.raises(ConfigError, match=r"name is a value, not a mapping or list"):
+        apply_override({"name": "r"}, "name.first=x")
+
+
+def test_apply_override_indexes_lists():
+    raw = {"stages": [{"export": {}}, {"quantize": {"method": "ort_dynamic_int8"}}]}
+    apply_override(raw, "stages.1.quantize.per_channel=false")
+    apply_override(raw, "stages.0={export: {optimize: none}}")
+    assert raw == {"stages": [{"export": {"optimize": "none"}},
+                              {"quantize": {"method": "ort_dynamic_int8", "per_channel": False}}]}
 
 
 def test_apply_override_with_invalid_yaml_value_is_a_config_error():
