@@ -319,3 +319,17 @@ def test_vision_recipe_mistakes_are_reported_together():
                      "stages[0].prune.budget", "give one budget", "stages[1].train.teacher",
                      "stages[3].train: method 'supervised' works on a PyTorch model"):
         assert expected in text, (expected, problems)
+
+
+def test_quantization_aware_training_must_be_converted_before_export():
+    problems = problems_of({"name": "q", "model": "m", "stages": [
+        {"quantize": {"method": "qat_int8"}}, {"export": {}}, {"convert": {}}]})
+    assert len(problems) == 2, problems
+    assert problems[0].startswith("stages[0].quantize: the fake-quantized layers of qat_int8 must be converted before stages[1].export")
+    assert problems[1].startswith("stages[2].convert: method 'qat' works on a PyTorch model but the model is already exported")
+    (problem,) = problems_of({"name": "q", "model": "m", "stages": [{"convert": {}}]})
+    assert problem.startswith("stages[0].convert: nothing to convert; put a `quantize: {method: qat_int8}` stage")
+    ok = Recipe.from_dict({"name": "q", "model": "m", "stages": [
+        {"quantize": {"method": "qat_int8"}}, {"convert": {"target": "onnxruntime"}}, {"export": {}},
+        {"quantize": {"method": "ort_static_int8", "activation_ranges": "trained"}}]})
+    assert [c.kind for c in ok.stages] == ["quantize", "convert", "export", "quantize"]

@@ -13,6 +13,7 @@ from slimkit.quantize import DynamicInt8Config, quantize_
 
 EXPECTED = {
     "cluster": ["kmeans"],
+    "convert": ["qat"],
     "distill": ["kd"],
     "export": ["onnx"],
     "prune": ["channels", "magnitude", "make_permanent", "transformer_structured"],

@@ -36,6 +36,14 @@ def recipe(folder) -> dict:
         ],
         "compare": [
             {"name": "ort-fp32", "stages": [{"export": {}}]},
+            # Quantization-aware training: fake-quantized layers trained, converted, then
+            # static int8 with the trained input ranges.
+            {"name": "qat-int8", "stages": [
+                {"quantize": {"method": "qat_int8", "modules": ["linear", "conv2d"], "activations": "observed"}},
+                {"train": {**TRAIN, "max_steps": 6, "lr": 1e-3}},
+                {"convert": {}},
+                {"export": {}},
+                {"quantize": {"method": "ort_static_int8", "activation_ranges": "trained"}}]},
             {"name": "pruned-fp32", "stages": [
                 {"prune": {"method": "channels", "budget": {"macs": 0.7, "ratios": [0.5], "images": 24}}},
                 {"train": {**TRAIN, "teacher": "baseline", "max_steps": 10}}]},
@@ -69,7 +77,7 @@ def test_the_run_writes_every_variant_and_the_image_task(run_folder):
     assert m["task"]["kind"] == "image" and m["task"]["classes"] == ["class0", "class1", "class2"]
     assert m["task"]["train_size"] == 120 and m["task"]["test_size"] == 36
     assert m["task"]["input"] == {"size": [16, 16], "channels": 3, "normalize": "none"}
-    assert sorted(variants(run_folder)) == ["fp32", "ort-fp32", "pruned-fp32", "pruned-int8"]
+    assert sorted(variants(run_folder)) == ["fp32", "ort-fp32", "pruned-fp32", "pruned-int8", "qat-int8"]
     assert not list(run_folder.parent.glob(".*checkpoints")), "training checkpoints go once the run is complete"
 
 
@@ -126,3 +134,17 @@ def test_the_int8_output_answers_like_the_saved_pytorch_variant(run_folder):
 def test_the_report_shows_top1_accuracy(run_folder):
     html = (run_folder / "report.html").read_text()
     assert "top-1" in html.lower() and "pruned-int8" in html
+
+
+def test_quantization_aware_training_converts_to_int8_with_its_trained_ranges(run_folder):
+    import onnx
+
+    meta = json.loads((run_folder / "variants" / "qat-int8" / "slimkit.json").read_text())
+    assert [t["config"]["method"] for t in meta["transforms"]] == ["onnx", "ort_static_int8"]
+    assert sorted(meta["transforms"][1]["layers"]) == ["block.0", "block.3", "head", "stem.0"]
+    graph = onnx.load(str(run_folder / "variants" / "qat-int8" / "model.onnx")).graph
+    # Each layer reads its input through the range it trained (an Identity carrying the override).
+    assert len([n for n in graph.node if n.name.endswith("/input_range")]) == 4
+    assert not [n for n in graph.node if "FakeQuant" in n.name]
+    v = variants(run_folder)["qat-int8"]
+    assert v["accuracy"]["agreement"] >= 0.75 and v["energy"]["int8_mac_fraction"] > 0.9

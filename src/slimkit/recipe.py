@@ -198,6 +198,7 @@ def parse_stages(stages: list, where: str, problems: list[str]) -> list[SlimConf
     out: list[SlimConfig] = []
     exported = False
     unexportable: list[tuple[int, SlimConfig]] = []
+    prepared: int | None = None  # the qat_int8 stage not yet converted
     for i, stage in enumerate(stages):
         path = f"{where}[{i}]"
         if not isinstance(stage, dict) or len(stage) != 1:
@@ -237,6 +238,16 @@ def parse_stages(stages: list, where: str, problems: list[str]) -> list[SlimConf
             problems.append(f"{path}.{kind}: method {method!r} works on an ONNX model; put an `export` stage before it")
         elif kind != "export" and exported and not onnx_method:
             problems.append(f"{path}.{kind}: method {method!r} works on a PyTorch model but the model is already exported; move it before the export stage or use an ort_* method")
+        if kind == "quantize" and method == "qat_int8":
+            prepared = i
+        elif kind == "convert":
+            if prepared is None:
+                problems.append(f"{path}.convert: nothing to convert; put a `quantize: {{method: qat_int8}}` stage "
+                                "(and a train stage) before it")
+            prepared = None
+        if kind == "export" and prepared is not None:
+            problems.append(f"{where}[{prepared}].quantize: the fake-quantized layers of qat_int8 must be converted "
+                            f"before {path}.export; add a `convert: {{}}` stage after its training")
         if kind == "export":
             for j, earlier in unexportable:
                 problems.append(

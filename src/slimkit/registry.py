@@ -71,6 +71,7 @@ def _load_builtin_methods() -> None:
     import slimkit.prune.cnn  # noqa: F401
     import slimkit.prune.heads  # noqa: F401
     import slimkit.prune.magnitude  # noqa: F401
+    import slimkit.quantize.convert  # noqa: F401
     import slimkit.quantize.dynamic  # noqa: F401
     import slimkit.quantize.lowp  # noqa: F401
     import slimkit.quantize.ort  # noqa: F401

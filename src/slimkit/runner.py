@@ -28,6 +28,7 @@ from slimkit.measure.workload import Workload, workload_for
 from slimkit.prune.api import prune_
 from slimkit.quantize.api import quantize_, record_transform, transforms_of
 from slimkit.recipe import Recipe
+from slimkit.registry import handler_for
 from slimkit.zoo.models import LoadedModel, load_model
 
 METRICS_SCHEMA_VERSION = 1
@@ -176,6 +177,9 @@ def apply_stages(model: LoadedModel, configs: list[SlimConfig], workdir: Path, c
             architecture = current
         elif cfg.kind == "cluster":
             cluster_(current.module, cfg)
+        elif cfg.kind == "convert":
+            # It records what the layers became itself (replacing the qat_int8 record).
+            handler_for(cfg)(current.module, cfg)
         else:
             onnx = isinstance(current, OnnxModel)
             target = current if onnx else current.module
