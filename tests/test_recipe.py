@@ -333,3 +333,16 @@ def test_quantization_aware_training_must_be_converted_before_export():
         {"quantize": {"method": "qat_int8"}}, {"convert": {"target": "onnxruntime"}}, {"export": {}},
         {"quantize": {"method": "ort_static_int8", "activation_ranges": "trained"}}]})
     assert [c.kind for c in ok.stages] == ["quantize", "convert", "export", "quantize"]
+
+
+def test_a_checkpoint_stage_needs_training_after_it_and_an_arena_no_export():
+    problems = problems_of({"name": "m", "model": "m", "stages": [
+        {"train": {}}, {"checkpoint": {"budget": "40MiB"}}, {"arena": {}}, {"export": {}}]})
+    assert problems == [
+        "stages[2].arena: the arena serves a PyTorch model, but stages[3] exports it to ONNX Runtime; keep one of the two",
+        "stages[1].checkpoint: no train or distill stage follows it; put it before the training it is for",
+    ]
+    ok = Recipe.from_dict({"name": "m", "model": "m", "stages": [
+        {"checkpoint": {"budget": "40MiB"}}, {"train": {}}, {"arena": {"batch_buckets": [1, 8]}}]})
+    assert [(c.kind, c.method) for c in ok.stages] == [("checkpoint", "activations"), ("train", "supervised"),
+                                                       ("arena", "plan")]

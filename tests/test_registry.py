@@ -12,6 +12,8 @@ from slimkit.prune import LayerStructure, TransformerPruneConfig
 from slimkit.quantize import DynamicInt8Config, quantize_
 
 EXPECTED = {
+    "arena": ["plan"],
+    "checkpoint": ["activations"],
     "cluster": ["kmeans"],
     "convert": ["qat"],
     "distill": ["kd"],

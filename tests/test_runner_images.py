@@ -19,6 +19,7 @@ from slimkit.runner import run
 
 TESTS_DIR = Path(__file__).resolve().parent
 TRAIN = {"max_steps": 30, "batch_size": 16, "lr": 3e-2, "validation": 24, "eval_every": 10, "patience": None}
+RECOVER = {**TRAIN, "teacher": "baseline", "max_steps": 10}
 
 
 def recipe(folder) -> dict:
@@ -30,12 +31,18 @@ def recipe(folder) -> dict:
         "variant": "pruned-int8",
         "stages": [
             {"prune": {"method": "channels", "budget": {"macs": 0.7, "ratios": [0.5], "images": 24}}},
-            {"train": {**TRAIN, "teacher": "baseline", "max_steps": 10}},
+            {"train": RECOVER},
             {"export": {}},
             {"quantize": {"method": "ort_static_int8", "calibration_samples": 16}},
         ],
         "compare": [
             {"name": "ort-fp32", "stages": [{"export": {}}]},
+            # The same recovery training with and without activation checkpointing.
+            {"name": "recovered", "stages": [{"train": RECOVER}]},
+            {"name": "recovered-checkpointed", "stages": [{"checkpoint": {"blocks": ["stem", "block"]}},
+                                                          {"train": RECOVER}]},
+            # The baseline served from a planned activation arena.
+            {"name": "arena", "stages": [{"arena": {}}]},
             # Quantization-aware training: fake-quantized layers trained, converted, then
             # static int8 with the trained input ranges.
             {"name": "qat-int8", "stages": [
@@ -46,7 +53,7 @@ def recipe(folder) -> dict:
                 {"quantize": {"method": "ort_static_int8", "activation_ranges": "trained"}}]},
             {"name": "pruned-fp32", "stages": [
                 {"prune": {"method": "channels", "budget": {"macs": 0.7, "ratios": [0.5], "images": 24}}},
-                {"train": {**TRAIN, "teacher": "baseline", "max_steps": 10}}]},
+                {"train": RECOVER}]},
         ],
         "measure": {"batch_sizes": [1, 4], "rounds": 2, "iters": 2, "warmup": 1, "threads": 1},
     }
@@ -77,7 +84,8 @@ def test_the_run_writes_every_variant_and_the_image_task(run_folder):
     assert m["task"]["kind"] == "image" and m["task"]["classes"] == ["class0", "class1", "class2"]
     assert m["task"]["train_size"] == 120 and m["task"]["test_size"] == 36
     assert m["task"]["input"] == {"size": [16, 16], "channels": 3, "normalize": "none"}
-    assert sorted(variants(run_folder)) == ["fp32", "ort-fp32", "pruned-fp32", "pruned-int8", "qat-int8"]
+    assert sorted(variants(run_folder)) == ["arena", "fp32", "ort-fp32", "pruned-fp32", "pruned-int8", "qat-int8",
+                                            "recovered", "recovered-checkpointed"]
     assert not list(run_folder.parent.glob(".*checkpoints")), "training checkpoints go once the run is complete"
 
 
@@ -134,6 +142,8 @@ def test_the_int8_output_answers_like_the_saved_pytorch_variant(run_folder):
 def test_the_report_shows_top1_accuracy(run_folder):
     html = (run_folder / "report.html").read_text()
     assert "top-1" in html.lower() and "pruned-int8" in html
+    # Supervised training only: no distillation table (a checkpoint record is not one).
+    assert 'id="supervised-table"' in html and 'id="training-table"' not in html
 
 
 def test_quantization_aware_training_converts_to_int8_with_its_trained_ranges(run_folder):
@@ -148,3 +158,26 @@ def test_quantization_aware_training_converts_to_int8_with_its_trained_ranges(ru
     assert not [n for n in graph.node if "FakeQuant" in n.name]
     v = variants(run_folder)["qat-int8"]
     assert v["accuracy"]["agreement"] >= 0.75 and v["energy"]["int8_mac_fraction"] > 0.9
+
+
+def test_checkpointed_training_ends_with_the_same_model(run_folder):
+    from tiny_models import assert_same_state
+
+    vs = variants(run_folder)
+    (record, trained) = vs["recovered-checkpointed"]["training"]
+    assert record["kind"] == "checkpoint" and record["blocks"] == ["stem", "block"] and record["batch_size"] == 16
+    assert trained["kind"] == "train" and trained["stage"] == 1
+    plain = serialize.load(run_folder / "variants" / "recovered").module
+    checkpointed = serialize.load(run_folder / "variants" / "recovered-checkpointed").module
+    # Recomputation changes memory, not arithmetic: the weights and batch-norm statistics match.
+    assert_same_state(plain, checkpointed)
+    assert "forward" not in checkpointed.stem.__dict__, "the saved model runs its plain forward"
+
+
+def test_the_arena_variant_is_served_from_its_planned_arena(run_folder):
+    meta = json.loads((run_folder / "variants" / "arena" / "slimkit.json").read_text())
+    arena = [t for t in meta["transforms"] if t["config"]["kind"] == "arena"]
+    assert len(arena) == 1 and arena[0]["config"]["batch_buckets"] == [1, 4] and arena[0]["layers"] == []
+    v = variants(run_folder)["arena"]
+    assert v["accuracy"]["agreement"] == 1.0 and v["accuracy"]["top1_drop_pp"] == 0.0
+    assert v["peak_rss_bytes"] > 0 and set(v["latency"]) == {"1", "4"}

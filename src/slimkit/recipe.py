@@ -199,6 +199,8 @@ def parse_stages(stages: list, where: str, problems: list[str]) -> list[SlimConf
     exported = False
     unexportable: list[tuple[int, SlimConfig]] = []
     prepared: int | None = None  # the qat_int8 stage not yet converted
+    checkpointing: int | None = None  # a checkpoint stage no training has followed yet
+    arena: int | None = None
     for i, stage in enumerate(stages):
         path = f"{where}[{i}]"
         if not isinstance(stage, dict) or len(stage) != 1:
@@ -245,6 +247,15 @@ def parse_stages(stages: list, where: str, problems: list[str]) -> list[SlimConf
                 problems.append(f"{path}.convert: nothing to convert; put a `quantize: {{method: qat_int8}}` stage "
                                 "(and a train stage) before it")
             prepared = None
+        if kind == "checkpoint":
+            checkpointing = i
+        elif kind in ("train", "distill"):
+            checkpointing = None
+        elif kind == "arena":
+            arena = i
+        if kind == "export" and arena is not None:
+            problems.append(f"{where}[{arena}].arena: the arena serves a PyTorch model, but {path} exports it to "
+                            "ONNX Runtime; keep one of the two")
         if kind == "export" and prepared is not None:
             problems.append(f"{where}[{prepared}].quantize: the fake-quantized layers of qat_int8 must be converted "
                             f"before {path}.export; add a `convert: {{}}` stage after its training")
@@ -259,6 +270,9 @@ def parse_stages(stages: list, where: str, problems: list[str]) -> list[SlimConf
         elif kind == "quantize" and method in NOT_EXPORTABLE and not exported:
             unexportable.append((i, cfg))
         out.append(cfg)
+    if checkpointing is not None:
+        problems.append(f"{where}[{checkpointing}].checkpoint: no train or distill stage follows it; put it before "
+                        "the training it is for")
     return out
 
 

@@ -68,6 +68,7 @@ def _load_builtin_methods() -> None:
     import slimkit.compress.cluster  # noqa: F401
     import slimkit.deploy.export  # noqa: F401
     import slimkit.distill.stage  # noqa: F401
+    import slimkit.memory.stages  # noqa: F401
     import slimkit.prune.cnn  # noqa: F401
     import slimkit.prune.heads  # noqa: F401
     import slimkit.prune.magnitude  # noqa: F401

@@ -20,6 +20,7 @@ from slimkit.compress.api import cluster_
 from slimkit.config import SlimConfig
 from slimkit.deploy.export import export
 from slimkit.deploy.onnx_model import OnnxModel
+from slimkit.errors import ConfigError
 from slimkit.measure import energy as energy_mod
 from slimkit.measure.latency import measure_latency
 from slimkit.measure.memory import peak_rss
@@ -89,6 +90,7 @@ class StageContext:
         baseline: the run's baseline model: the teacher of ``train: {teacher: baseline}``.
         memo: results of earlier variants' training and pruning, by the stages that made them.
         examples: calibration examples given directly, instead of drawn from ``workload``.
+        batch_sizes: the batch sizes the run measures (an arena stage plans for them).
     """
 
     workload: Workload | None = None
@@ -99,6 +101,7 @@ class StageContext:
     baseline: LoadedModel | None = None
     memo: dict[str, tuple] = field(default_factory=dict)
     examples: list[Any] | None = None
+    batch_sizes: list[int] = field(default_factory=list)
 
     def calibration_for(self, framework: str) -> list[Any] | None:
         """Calibration examples in the form a ``framework`` (``onnx`` or ``torch``) model takes them."""
@@ -146,9 +149,18 @@ def apply_stages(model: LoadedModel, configs: list[SlimConfig], workdir: Path, c
     for i, cfg in enumerate(configs[first:], start=first):
         folder = context.checkpoints / f"stage{i}" if context.checkpoints else None
         if cfg.kind == "export":
+            _end_checkpointing(current)
             source = current
             current = export(current, cfg, workdir=workdir)
             record_transform(current, cfg, [])
+        elif cfg.kind == "checkpoint":
+            record = _checkpoint_stage(current, cfg, configs[i + 1:], context)
+            if training is not None:
+                training.append({"stage": i, "kind": "checkpoint", **record})
+        elif cfg.kind == "arena":
+            if "batch_buckets" not in cfg.model_fields_set and context.batch_sizes:
+                cfg = cfg.model_copy(update={"batch_buckets": sorted(set(context.batch_sizes))})
+            record_transform(current.module, cfg, [])
         elif cfg.kind == "distill":
             from slimkit.distill.stage import run_distill_stage
 
@@ -192,7 +204,34 @@ def apply_stages(model: LoadedModel, configs: list[SlimConfig], workdir: Path, c
         if architecture is current and i < len(configs) - 1:
             # Later stages change the model in place; the estimate needs it as it is now.
             architecture = current.clone()
+    _end_checkpointing(current)
     return current, architecture
+
+
+def _checkpoint_stage(current: LoadedModel, cfg: SlimConfig, later: list[SlimConfig], context: StageContext) -> dict:
+    """Checkpoint ``current`` for the training stages in ``later``; planned on one of their batches."""
+    from slimkit.memory.checkpoint import checkpoint_
+
+    size = next((c.batch_size for c in later if c.kind in ("train", "distill")), None)
+    if size is None:  # validation refuses this; a pipeline built in Python may not be validated
+        raise ConfigError("checkpoint: no train or distill stage follows it, so there is no training to checkpoint")
+    batch = loss = None
+    if cfg.budget is not None:
+        if context.workload is None:
+            raise ConfigError("checkpoint: a budget is planned on a training batch of the task; run it in a recipe")
+        batch, loss = context.workload.training_example(size)
+    handle = checkpoint_(current.module, cfg, batch, loss)
+    return {"blocks": handle.blocks, "autocast": handle.autocast, "batch_size": size,
+            "plan": handle.plan.to_dict() if handle.plan else None}
+
+
+def _end_checkpointing(model: LoadedModel | OnnxModel) -> None:
+    # Checkpointing changes how training spends memory, not the model: exported, saved
+    # and measured models run their plain forward.
+    if isinstance(model, LoadedModel):
+        from slimkit.memory.checkpoint import remove_checkpointing_
+
+        remove_checkpointing_(model.module)
 
 
 def _key(model: LoadedModel, configs: list[SlimConfig]) -> str:
@@ -259,7 +298,7 @@ def run(recipe: Recipe, output: str | Path | None = None, progress: bool = True)
         bar.advance(step)
         all_stages = recipe.prepare + recipe.stages + [c for _, cs in recipe.compare for c in cs]
         wanted = [getattr(c, "calibration_samples", 0) or getattr(c, "calibration_batches", 0) for c in all_stages]
-        context = StageContext(workload, max([128, *wanted]), None, device, progress)
+        context = StageContext(workload, max([128, *wanted]), None, device, progress, batch_sizes=list(m.batch_sizes))
 
         step = bar.add_task("prepare the baseline", total=1)
         training: list[dict[str, Any]] = []
@@ -300,7 +339,9 @@ def run(recipe: Recipe, output: str | Path | None = None, progress: bool = True)
         context.memo.clear()
 
         feeds = {b: workload.timing_feed(b) for b in m.batch_sizes}
-        runners = {v.name: make_runner(v.model, m.threads, device) for v in variants}
+        example = workload.torch_inputs(feeds[min(feeds)], device)
+        example = tuple(example.values()) if isinstance(example, dict) else example
+        runners = {v.name: make_runner(v.model, m.threads, device, example) for v in variants}
         results: dict[str, dict[str, Any]] = {v.name: {"latency": {}} for v in variants}
         for b, feed in feeds.items():
             step = bar.add_task(f"latency, batch {b}", total=m.rounds)

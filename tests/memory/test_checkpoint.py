@@ -447,3 +447,21 @@ def test_a_block_that_runs_twice_per_step_is_refused_by_the_planner():
     x = torch.randn(4, 8, 16)
     with pytest.raises(ConfigError, match=r"\['layers.0'\] do not run exactly once per step \(layers.0 2 times in 1 steps"):
         profile_checkpointing(model, x, mse, CheckpointConfig(repeats=1))
+
+
+def test_checkpointed_batch_norms_update_their_running_statistics_once_per_step():
+    from tiny_models import assert_same_state, tiny_classifier
+
+    plain, _ = tiny_classifier()
+    ckpt = copy.deepcopy(plain)
+    checkpoint_(ckpt, CheckpointConfig(blocks=["stem", "block"]))
+    x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    for model in (plain.train(), ckpt.train()):
+        for _ in range(2):
+            model.zero_grad()
+            model(x).logsumexp(1).mean().backward()
+    # The recompute in the backward runs each block's forward again; its batch norms must
+    # not count that batch twice.
+    assert_same_state(plain, ckpt)
+    for a, b in zip(plain.parameters(), ckpt.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)

@@ -143,6 +143,13 @@ class ImageWorkload:
             model.train(was_training)
         return torch.cat(out)
 
+    def training_example(self, batch_size: int) -> tuple[tuple[torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
+        """One training batch (channels-last, as the train stage feeds it) and a loss of the
+        logits, for planning activation checkpointing; labels do not change its memory."""
+        x = self.data.train_x[np.resize(np.arange(len(self.data.train_x)), batch_size)]
+        return ((self.model_input(x).contiguous(memory_format=torch.channels_last),),
+                lambda logits: logits.float().logsumexp(1).mean())
+
     def loss_fn(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Cross-entropy of a labelled ``(images, labels)`` batch (for Taylor importance)."""
         x, y = batch

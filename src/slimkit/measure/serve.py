@@ -48,10 +48,13 @@ def main(argv: list[str] | None = None) -> int:
         cls = OrtEncoder if "input_ids" in feeds else OrtRunner
         run = cls(str(Path(args.model_dir) / meta["weights"]), threads=args.threads)
     else:
+        import torch
+
         from slimkit.measure.runners import make_runner
         from slimkit.serialize import load
 
-        run = make_runner(load(args.model_dir), threads=args.threads)
+        example = tuple(torch.from_numpy(v) for v in feeds.values())
+        run = make_runner(load(args.model_dir), threads=args.threads, example=example)
     for _ in range(args.runs):
         out = run(*feeds.values())
     peak = peak_rss_bytes()

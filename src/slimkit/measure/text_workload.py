@@ -60,6 +60,12 @@ class TextWorkload:
             feeds.append({"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)})
         return feeds
 
+    def training_example(self, batch_size: int):
+        """One batch of train texts at the longest length distillation uses, and a loss of
+        the embeddings, for planning activation checkpointing."""
+        feed = fixed_length_batch(self.tokenizer, self.data.train_texts, batch_size, MAX_TOKENS, self.max_seq_len)
+        return self.torch_inputs(feed, "cpu"), lambda emb: emb.float().pow(2).mean()
+
     def torch_inputs(self, feed: dict[str, np.ndarray], device: str) -> dict[str, torch.Tensor]:
         return {k: torch.from_numpy(v).to(device) for k, v in feed.items()}
 

@@ -417,11 +417,41 @@ class _CheckpointedForward:
         fn = self._forward()
         if not torch.is_grad_enabled():  # inference: nothing is saved, nothing to recompute
             return fn(*args, **kwargs)
+        fn = _running_stats_once(fn, self.module)
         # Non-reentrant: works with keyword arguments, with inputs that need no grad, and
         # with torch.autograd.grad; the RNG state is restored so dropout masks repeat.
         if self.policy == "selective":
             return _torch_checkpoint(fn, *args, use_reentrant=False, context_fn=_selective_contexts, **kwargs)
         return _torch_checkpoint(fn, *args, use_reentrant=False, **kwargs)
+
+
+def _running_stats_once(fn: Callable[..., Any], block: nn.Module) -> Callable[..., Any]:
+    """``fn`` whose second and later calls leave the block's batch-norm statistics as they were.
+
+    The recompute in the backward runs a training-mode forward again: batch norms would
+    update their running statistics twice per step, and a checkpointed CNN would end with
+    other statistics than the same training without checkpointing.
+    """
+    norms = [m for m in block.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return fn
+    calls = [0]
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == 1:
+            return fn(*args, **kwargs)
+        saved = [(m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in norms]
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            with torch.no_grad():
+                for m, mean, var, count in saved:
+                    m.running_mean.copy_(mean)
+                    m.running_var.copy_(var)
+                    m.num_batches_tracked.copy_(count)
+
+    return run
 
 
 _MATMULS = {torch.ops.aten.mm.default: 0, torch.ops.aten.bmm.default: 0,

@@ -328,7 +328,8 @@ def _energy(variants: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _training(variants: list[dict[str, Any]], baseline: str | None, batch_sizes: list[int]) -> dict | None:
     """The teacher / student table and training curves, when a variant was distilled."""
-    trained = [(v, t) for v in variants for t in (v.get("training") or []) if t.get("kind") != "train"]
+    # Distillation records carry no kind (they predate the others).
+    trained = [(v, t) for v in variants for t in (v.get("training") or []) if t.get("kind", "distill") == "distill"]
     if not trained:
         return None
     b1 = str(1 if 1 in batch_sizes else (batch_sizes[0] if batch_sizes else 1))

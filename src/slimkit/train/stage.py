@@ -66,6 +66,11 @@ def run_train_stage(current: Any, config: TrainConfig, workload: Any, checkpoint
         teacher = baseline.module.to(memory_format=torch.channels_last)
     device = torch.device(device)
     module.to(device)
+    # The model may be a copy of a frozen teacher (the baseline, after an earlier stage
+    # distilled from it): everything in it trains.
+    for p in module.parameters():
+        p.requires_grad_(True)
+    frozen = [(p, p.requires_grad) for p in teacher.parameters()] if teacher is not None else []
     before = evaluate(module)["val_accuracy"]
     # Channels-last makes depthwise and 1x1 convolutions several times faster on CPU (oneDNN).
     module.to(memory_format=torch.channels_last)
@@ -78,6 +83,8 @@ def run_train_stage(current: Any, config: TrainConfig, workload: Any, checkpoint
         module.to(memory_format=torch.contiguous_format)
         if teacher is not None:
             teacher.to(memory_format=torch.contiguous_format)
+            for p, flag in frozen:  # the trainer froze the teacher; the baseline is left as it was
+                p.requires_grad_(flag)
     module.eval()
     return {
         "kind": "train", "train_images": len(ty), "validation_images": len(vy),
