@@ -25,13 +25,13 @@ from slimkit.config import SlimConfig
 from slimkit.errors import ConfigError
 from slimkit.prune.api import Pruned
 from slimkit.prune.channels import (
-    _CONV,
-    _NORM,
+    CONV_TYPES,
+    NORM_TYPES,
     ChannelGroup,
-    _extent,
-    _slice,
     channel_groups,
+    extent,
     shrink_,
+    slice_channels,
 )
 from slimkit.prune.importance import LossFn, channel_importance, taylor_importance
 from slimkit.registry import register
@@ -215,7 +215,7 @@ def shrink_and_describe(model: nn.Module, keep: Mapping[ChannelGroup, torch.Tens
     sizes = {}
     for group in keep:
         for m in group.members:
-            size = _extent(modules[m.module], m.role)
+            size = extent(modules[m.module], m.role)
             if size != m.extent:
                 sizes[f"{m.module}:{m.role}"] = size
     return dict(sorted(sizes.items()))
@@ -234,15 +234,15 @@ def _resize(model: nn.Module, sizes: Mapping[str, int]) -> list[str]:
         except AttributeError:
             problems.append(f"{name!r}: the saved record names a module this model does not have")
             continue
-        if not isinstance(module, (*_CONV, nn.Linear, *_NORM)) or not 0 < size <= _extent(module, role):
+        if not isinstance(module, (*CONV_TYPES, nn.Linear, *NORM_TYPES)) or not 0 < size <= extent(module, role):
             problems.append(f"{key}={size}: cannot resize {type(module).__name__} {name!r} to that")
             continue
         plan.append((module, role, size))
     if problems:
         raise ConfigError(problems)
     for module, role, size in plan:
-        if _extent(module, role) != size:
-            _slice(module, role, torch.arange(size))
+        if extent(module, role) != size:
+            slice_channels(module, role, torch.arange(size))
     return sorted({key.rpartition(":")[0] for key in sizes})
 
 
