@@ -128,6 +128,7 @@ class _Analysis:
     def unify(self, a: _Chan, b: _Chan, reason: str) -> bool:
         """Tie the channels of ``a`` and ``b`` one to one; if they are split differently, fix both."""
         if [(s.size, s.block) for s in a.segs] != [(s.size, s.block) for s in b.segs]:
+            reason = f"{reason} ({_split(a)} and {_split(b)} channels)"
             self.fix(a, reason)
             self.fix(b, reason)
             return False
@@ -388,3 +389,8 @@ class _Analysis:
     def args_tensor(self, node: fx.Node) -> fx.Node | None:
         first = node.args[0] if node.args else None
         return first if isinstance(first, fx.Node) else None
+
+
+def _split(chan: _Chan) -> str:
+    return "+".join(str(s.size) if s.block == 1 else f"{s.size}x{s.block}" for s in chan.segs)
+

@@ -1,0 +1,231 @@
+"""Channel pruning of patterns it was not written against: each is pruned exactly, or refused.
+
+Pruned means: the pruned model equals the original with the removed channels zeroed
+where they are produced (``masked``), with exact shapes and parameter counts. Refused
+means: the group is not prunable and its reason names the layer, or pruning raises an
+error that names it. Never a model of a silently wrong shape.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_models import masked, n_params, randomise_bn
+from torch import nn
+
+from slimkit.errors import ConfigError
+from slimkit.prune import ChannelGroup, channel_groups, channel_importance
+from slimkit.prune.cnn import (
+    ChannelPruneConfig,
+    kept_channels,
+    prunable_groups,
+    prune_channels,
+    top_channels,
+)
+
+
+def images(n=2, seed=1):
+    return torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def roles(group: ChannelGroup) -> list[tuple[str, str, int]]:
+    return [(m.module, m.role, m.offset) for m in group.members]
+
+
+def group_of(groups: list[ChannelGroup], module: str, role: str = "out") -> ChannelGroup:
+    return next(g for g in groups if any(m.module == module and m.role == role for m in g.members))
+
+
+def prune_half_and_compare(model: nn.Module, x, **config) -> dict[str, int]:
+    """Prune half of every prunable group as ``prune_`` does; the result equals the masked model."""
+    groups = channel_groups(model, x, config.get("exclude", ()))
+    keep = {g: top_channels(channel_importance(model, g, "l1"), kept_channels(g.size, 0.5)) for g in prunable_groups(groups)}
+    reference = masked(model, keep)
+    result = prune_channels(model, ChannelPruneConfig(ratio=0.5, **config), example_input=x)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=0, atol=1e-6)
+    return result.config.kept
+
+
+# -- grouped convolutions: refused, the layer named; the rest still prunes ---------------------
+
+class GroupedMiddle(nn.Module):
+    def __init__(self, groups: int, width: int):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.grouped = nn.Conv2d(8, width, 3, padding=1, groups=groups)
+        self.mid = nn.Conv2d(width, 6, 1)
+        self.head = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        return self.head(F.relu(self.mid(F.relu(self.grouped(F.relu(self.stem(x)))))))
+
+
+@pytest.mark.parametrize(("groups", "width", "params"), [(2, 8, 363), (4, 16, 395), (8, 16, 251)])
+def test_a_grouped_convolution_is_refused_by_name_and_the_rest_prunes(groups, width, params):
+    torch.manual_seed(0)
+    model, x = GroupedMiddle(groups, width), images()
+    found = channel_groups(model, x)
+    reason = (f"they pass the grouped convolution 'grouped' (groups={groups}), whose channels are not pruned",)
+    assert group_of(found, "stem").reasons == reason and group_of(found, "grouped").reasons == reason
+    assert group_of(found, "mid").prunable
+    assert prune_half_and_compare(model, x) == {"head:in": 3, "mid:out": 3}
+    # stem 3->8, grouped unchanged (8/groups inputs per filter), mid width->3, head 3->2
+    assert n_params(model) == params
+    with pytest.raises(ConfigError, match=r"'grouped' names group 'grouped', which cannot be pruned: they pass the grouped convolution 'grouped'"):
+        prune_channels(model, ChannelPruneConfig(ratio={"grouped": 0.5}), example_input=x)
+
+
+# -- concatenation: each branch at its offset into the consumer ----------------------------
+
+class CatWithInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 3, padding=1)
+        self.head = nn.Conv2d(9, 2, 1)
+
+    def forward(self, x):
+        return self.head(torch.cat([x, F.relu(self.a(x))], dim=1))
+
+
+def test_a_branch_concatenated_after_the_input_prunes_at_its_offset():
+    torch.manual_seed(0)
+    model, x = CatWithInput(), images()
+    found = channel_groups(model, x)
+    assert roles(group_of(found, "a")) == [("a", "out", 0), ("head", "in", 3)]
+    assert roles(found[0]) == [("a", "in", 0), ("head", "in", 0)] and not found[0].prunable
+    assert prune_half_and_compare(model, x) == {"a:out": 3, "head:in": 6}
+    assert model.head.weight.shape == (2, 6, 1, 1)
+    assert n_params(model) == 3 * 3 * 9 + 3 + 2 * 6 + 2 == 98
+
+
+class CatTwice(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+        self.a = nn.Conv2d(3, 4, 1)
+        self.b = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Conv2d(8 if dim == 1 else 4, 2, 1)
+
+    def forward(self, x):
+        y = F.relu(self.a(x))
+        other = y if self.dim == 1 else F.relu(self.b(x))
+        return self.head(torch.cat([y, other], dim=self.dim))
+
+
+def test_a_tensor_concatenated_with_itself_is_sliced_at_both_offsets():
+    torch.manual_seed(0)
+    model, x = CatTwice(dim=1), images()
+    assert roles(group_of(channel_groups(model, x), "a")) == [("a", "out", 0), ("head", "in", 0), ("head", "in", 4)]
+    assert prune_half_and_compare(model, x) == {"a:out": 2, "head:in": 4}
+    assert model.head.weight.shape == (2, 4, 1, 1)
+    assert n_params(model) == (3 * 2 + 2) + (3 * 4 * 9 + 4) + (2 * 4 + 2) == 130  # b is unused
+
+
+def test_concatenating_along_height_ties_the_branches_channel_for_channel():
+    torch.manual_seed(0)
+    model, x = CatTwice(dim=2), images()
+    assert roles(group_of(channel_groups(model, x), "a")) == [("a", "out", 0), ("b", "out", 0), ("head", "in", 0)]
+    assert prune_half_and_compare(model, x) == {"a:out": 2, "b:out": 2, "head:in": 2}
+    assert n_params(model) == (3 * 2 + 2) + (3 * 2 * 9 + 2) + (2 * 2 + 2) == 70
+
+
+class CatPlusConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 6, 1), nn.Conv2d(3, 10, 1)
+        self.head = nn.Conv2d(10, 2, 1)
+
+    def forward(self, x):
+        return self.head(torch.cat([self.a(x), self.b(x)], dim=1) + self.c(x))
+
+
+def test_a_concatenation_added_to_a_whole_tensor_is_refused_naming_the_addition():
+    found = channel_groups(CatPlusConv(), images())
+    reason = ("add combines tensors whose channels were concatenated differently (4+6 and 10 channels)",)
+    assert [group_of(found, m).reasons for m in "abc"] == [reason] * 3
+
+
+# -- residual additions: one group for the whole stream ------------------------------------
+
+class ResidualStream(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6))
+        self.c1, self.bn1 = nn.Conv2d(6, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6)
+        self.c2, self.bn2 = nn.Conv2d(6, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        s = F.relu(self.stem(x))
+        s = F.relu(s + self.bn1(self.c1(s)))
+        s = F.relu(s + self.bn2(self.c2(s)))
+        return self.head(s.mean((2, 3)))
+
+
+def test_two_residual_blocks_on_one_stream_prune_as_one_group():
+    torch.manual_seed(0)
+    model, x = randomise_bn(ResidualStream()), images()
+    stream = group_of(channel_groups(model, x), "stem.0")
+    assert [m.module for m in stream.producers] == ["stem.0", "c1", "c2"] and stream.prunable
+    assert prune_half_and_compare(model, x) == {
+        "bn1:norm": 3, "bn2:norm": 3, "c1:in": 3, "c1:out": 3, "c2:in": 3, "c2:out": 3, "head:in": 3, "stem.0:out": 3, "stem.1:norm": 3,
+    }
+    # three 3x3 convolutions 3->3, three batch norms of 3, head 3->2
+    assert n_params(model) == 3 * (3 * 3 * 9) + 3 * 6 + 3 * 2 + 2 == 269
+
+
+class ResidualOnInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.offset = nn.Parameter(torch.zeros(1, 4, 1, 1))
+        self.lift = nn.Conv2d(3, 4, 1)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.lift(F.relu(self.conv(x)) + x) + self.offset)
+
+
+def test_residuals_with_the_input_or_a_parameter_are_refused_with_the_reason():
+    found = channel_groups(ResidualOnInput(), images())
+    assert group_of(found, "conv").reasons == ("they are the model's input channels",)
+    assert group_of(found, "lift").reasons == ("they flow into add with a tensor the analysis cannot follow (offset)",)
+
+
+# -- one convolution called at two places ---------------------------------------------------
+
+class ConvTwice(nn.Module):
+    def __init__(self, split: bool = False):
+        super().__init__()
+        self.split = split
+        self.a = nn.Conv2d(3, 3 if split else 6, 1)
+        self.b = nn.Conv2d(3, 3 if split else 6, 3, padding=1)
+        self.d = nn.Conv2d(3, 6, 1)
+        self.c = nn.Conv2d(6, 4, 1)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        if self.split:
+            first = self.c(torch.cat([self.a(x), self.b(x)], dim=1))
+            return self.head(torch.cat([F.relu(first), F.relu(self.c(self.d(x)))], dim=1))
+        return self.head(torch.cat([F.relu(self.c(F.relu(self.a(x)))), F.relu(self.c(F.relu(self.b(x))))], dim=1))
+
+
+def test_a_convolution_called_on_two_branches_ties_them_and_prunes():
+    torch.manual_seed(0)
+    model, x = ConvTwice(), images()
+    found = channel_groups(model, x)
+    assert roles(group_of(found, "a")) == [("a", "out", 0), ("c", "in", 0), ("b", "out", 0)]
+    assert roles(group_of(found, "c")) == [("c", "out", 0), ("head", "in", 0), ("head", "in", 4)]
+    assert prune_half_and_compare(model, x) == {"a:out": 3, "b:out": 3, "c:in": 3, "c:out": 2, "head:in": 4}
+    # a 3->3, b 3->3 (3x3), d unused 3->6, c 3->2, head 4->2
+    assert n_params(model) == (3 * 3 + 3) + (3 * 3 * 9 + 3) + (3 * 6 + 6) + (3 * 2 + 2) + (4 * 2 + 2) == 138
+
+
+def test_a_convolution_called_on_inputs_concatenated_differently_is_refused():
+    found = channel_groups(ConvTwice(split=True), images())
+    reason = "c is called on inputs split differently (3+3 and 6 channels)"
+    assert [group_of(found, m).reasons for m in "abd"] == [(reason,)] * 3
+    assert group_of(found, "c").prunable
