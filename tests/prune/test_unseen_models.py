@@ -8,6 +8,8 @@ error that names it. Never a model of a silently wrong shape.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -192,6 +194,102 @@ def test_residuals_with_the_input_or_a_parameter_are_refused_with_the_reason():
     found = channel_groups(ResidualOnInput(), images())
     assert group_of(found, "conv").reasons == ("they are the model's input channels",)
     assert group_of(found, "lift").reasons == ("they flow into add with a tensor the analysis cannot follow (offset)",)
+
+
+# -- tied weights: refused, naming both uses -----------------------------------------------
+
+class TiedLinears(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 2)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.head(F.relu(self.b(F.relu(self.a(x)))))
+
+
+def test_two_linears_sharing_a_weight_are_refused_naming_both():
+    model, x = TiedLinears(), torch.randn(2, 6, generator=torch.Generator().manual_seed(1))
+    found = channel_groups(model, x)
+    a_is_b = "tied weights: 'a.weight' is the same tensor as 'b.weight'; slicing it for these channels would untie or break the other use"
+    b_is_a = "tied weights: 'b.weight' is the same tensor as 'a.weight'; slicing it for these channels would untie or break the other use"
+    assert group_of(found, "a").reasons == (a_is_b, b_is_a)
+    assert group_of(found, "b").reasons == (b_is_a,)
+    assert prune_channels(model, ChannelPruneConfig(ratio=0.5), example_input=x).layers == []
+    assert model.b.weight is model.a.weight and model.a.weight.shape == (6, 6)
+
+
+class TiedEmbedding(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 6)
+        self.h, self.p = nn.Linear(6, 5), nn.Linear(5, 6)
+        self.lm = nn.Linear(6, 10, bias=False)
+        self.lm.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.lm(self.p(F.relu(self.h(self.emb(ids)))))
+
+
+def test_a_head_tied_to_the_embedding_is_refused_and_the_rest_prunes():
+    torch.manual_seed(0)
+    model, ids = TiedEmbedding(), torch.arange(10).reshape(2, 5)
+    tied = group_of(channel_groups(model, ids), "p")
+    assert roles(tied) == [("p", "out", 0), ("lm", "in", 0)]
+    assert tied.reasons == ("tied weights: 'lm.weight' is the same tensor as 'emb.weight'; slicing it for these channels "
+                            "would untie or break the other use",)
+    assert prune_half_and_compare(model, ids) == {"h:out": 3, "p:in": 3}
+    assert model.lm.weight is model.emb.weight and model.emb.weight.shape == (10, 6)
+    assert n_params(model) == 10 * 6 + (6 * 3 + 3) + (3 * 6 + 6) == 105
+
+
+class FunctionalReuse(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.c, self.head = nn.Conv2d(3, 6, 1), nn.Conv2d(6, 4, 1), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        y = F.relu(self.stem(x))
+        return self.head(torch.cat([self.c(y), F.conv2d(y, self.c.weight, self.c.bias)], dim=1))
+
+
+def test_a_weight_forward_reads_directly_is_refused_naming_the_read():
+    found = channel_groups(FunctionalReuse(), images())
+    assert group_of(found, "c").reasons == (
+        "tied weights: 'c.weight' is also read directly in forward by conv2d; slicing it for these channels would untie or break the other use",
+        "tied weights: 'c.bias' is also read directly in forward by conv2d; slicing it for these channels would untie or break the other use",
+    )
+
+
+class WeightNormed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the old weight_norm is deprecated, not gone
+            self.a = nn.utils.weight_norm(nn.Conv2d(3, 6, 1))
+        self.b = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        return self.b(F.relu(self.a(x)))
+
+
+class SharedWithExcluded(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.c = nn.Conv2d(3, 6, 1), nn.Conv2d(6, 6, 1)
+        self.block = nn.Sequential(self.c, nn.ReLU())
+        self.head = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.block(F.relu(self.c(self.stem(x)))))
+
+
+def test_a_weight_rebuilt_in_forward_or_a_module_shared_with_an_excluded_one_is_refused():
+    assert group_of(channel_groups(WeightNormed(), images()), "a").reasons == (
+        "module 'a' has tensors channel pruning does not slice: weight_g, weight_v",
+    )
+    found = channel_groups(SharedWithExcluded(), images(), exclude=["block"])
+    assert group_of(found, "stem").reasons == ("module 'c' is also used inside the excluded module 'block'",)
 
 
 # -- one convolution called at two places ---------------------------------------------------

@@ -17,6 +17,7 @@ The package is split by concern, each module depending only on those above it:
 - :mod:`~slimkit.prune.channels.groups`: the data, :class:`ChannelGroup` and :class:`Member`;
 - :mod:`~slimkit.prune.channels.ops`: the modules and operations the analysis understands;
 - :mod:`~slimkit.prune.channels.tracing`: tracing with ``torch.fx`` and recording shapes;
+- :mod:`~slimkit.prune.channels.ties`: tied weights, which refuse the groups that slice them;
 - :mod:`~slimkit.prune.channels.analysis`: following channels through the graph;
 - :mod:`~slimkit.prune.channels.shrink`: slicing the modules of a group.
 """

@@ -24,6 +24,7 @@ from slimkit.prune.channels.ops import (
     arg,
     op_name,
 )
+from slimkit.prune.channels.ties import Ties
 from slimkit.prune.channels.tracing import excluded_modules, record_shapes, trace_with_leaves
 
 
@@ -52,8 +53,9 @@ def channel_groups(model: nn.Module, example_input: torch.Tensor | tuple, exclud
     and reductions over other dimensions, to consumers (Conv/Linear inputs).
 
     A group is non-prunable, with the reason in ``group.reasons``, when its channels reach
-    the model's input or output, pass a grouped convolution or an excluded module, or
-    meet an operation the analysis does not understand.
+    the model's input or output, pass a grouped convolution or an excluded module, meet
+    an operation the analysis does not understand, or live in a tied weight (a tensor
+    that another module holds too, or that forward reads directly).
 
     Args:
         model: the model; it is not modified (batch norm statistics included).
@@ -146,11 +148,13 @@ class _Analysis:
         roots: dict[int, list[int]] = defaultdict(list)
         for g in range(len(self.parent)):
             roots[self.find(g)].append(g)
+        ties = Ties(self.model, self.gm, self.leaves)
         groups = []
         for root in sorted(roots):
             if self.members[root]:
                 members = tuple(dict.fromkeys(self.members[root]))  # a module called twice is listed once
-                groups.append(ChannelGroup(len(groups), self.size[root], members, tuple(self.reasons[root])))
+                reasons = list(dict.fromkeys([*self.reasons[root], *ties.reasons(members)]))
+                groups.append(ChannelGroup(len(groups), self.size[root], members, tuple(reasons)))
         return groups
 
     def _consistent(self, node: fx.Node, chan: _Chan) -> bool:
