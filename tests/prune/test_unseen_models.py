@@ -196,6 +196,88 @@ def test_residuals_with_the_input_or_a_parameter_are_refused_with_the_reason():
     assert group_of(found, "lift").reasons == ("they flow into add with a tensor the analysis cannot follow (offset)",)
 
 
+# -- squeeze-excitation: the gate joins the features, its bottleneck prunes alone ------------
+
+class ConvSE(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.reduce = nn.Conv2d(8, 4, 1)
+        self.expand = nn.Conv2d(4, 8, 1)
+        self.out = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        x = F.relu(self.conv(x))
+        return self.out(x * torch.sigmoid(self.expand(F.relu(self.reduce(F.adaptive_avg_pool2d(x, 1))))))
+
+
+class LinearSE(nn.Module):
+    """The squeeze-excitation of torchvision and timm, written four ways."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc1 = nn.Linear(8, 4)
+        self.fc2 = nn.Linear(4, 8)
+        self.out = nn.Conv2d(8, 2, 1)
+
+    def gate(self, y):
+        return torch.sigmoid(self.fc2(F.relu(self.fc1(y))))
+
+    def forward(self, x):
+        x = F.relu(self.conv(x))
+        b, c, _, _ = x.size()
+        if self.how == "view":
+            y = self.gate(F.adaptive_avg_pool2d(x, 1).view(b, c)).view(b, c, 1, 1)
+            return self.out(x * y.expand_as(x))
+        if self.how == "index":
+            return self.out(x * self.gate(x.mean((2, 3)))[:, :, None, None])
+        if self.how == "unsqueeze":
+            return self.out(x * self.gate(F.adaptive_avg_pool2d(x, 1).flatten(1)).unsqueeze(-1).unsqueeze(-1))
+        if self.how == "squeeze":
+            y = self.gate(F.adaptive_avg_pool2d(x, 1).squeeze(-1).squeeze(-1))
+            return self.out(x * y.reshape(x.shape[0], x.shape[1], 1, 1))
+        if self.how == "literal":
+            return self.out(x * self.gate(F.adaptive_avg_pool2d(x, 1).view(b, 8)).view(b, -1, 1, 1))
+        return self.out(x * self.gate(F.adaptive_avg_pool2d(x, 1).squeeze()).view(b, -1, 1, 1))
+
+
+def test_a_convolutional_squeeze_excitation_prunes_the_gated_channels_and_its_bottleneck():
+    torch.manual_seed(0)
+    model, x = ConvSE(), images()
+    found = channel_groups(model, x)
+    assert sorted(roles(group_of(found, "conv"))) == [("conv", "out", 0), ("expand", "out", 0), ("out", "in", 0), ("reduce", "in", 0)]
+    assert roles(group_of(found, "reduce")) == [("reduce", "out", 0), ("expand", "in", 0)]
+    assert prune_half_and_compare(model, x) == {
+        "conv:out": 4, "expand:in": 2, "expand:out": 4, "out:in": 4, "reduce:in": 4, "reduce:out": 2,
+    }
+    assert n_params(model) == (3 * 4 * 9 + 4) + (4 * 2 + 2) + (2 * 4 + 4) + (4 * 2 + 2) == 144
+
+
+@pytest.mark.parametrize("how", ["view", "index", "unsqueeze", "squeeze"])
+def test_a_linear_squeeze_excitation_reshaped_by_the_channel_count_prunes(how):
+    torch.manual_seed(0)
+    model, x = LinearSE(how), images()
+    found = channel_groups(model, x)
+    assert sorted(roles(group_of(found, "conv"))) == [("conv", "out", 0), ("fc1", "in", 0), ("fc2", "out", 0), ("out", "in", 0)]
+    assert roles(group_of(found, "fc1")) == [("fc1", "out", 0), ("fc2", "in", 0)]
+    assert prune_half_and_compare(model, x) == {"conv:out": 4, "fc1:in": 4, "fc1:out": 2, "fc2:in": 2, "fc2:out": 4, "out:in": 4}
+    assert n_params(model) == (3 * 4 * 9 + 4) + (4 * 2 + 2) + (2 * 4 + 4) + (4 * 2 + 2) == 144
+    assert model(images(3, seed=2)).shape == (3, 2, 8, 8)
+
+
+@pytest.mark.parametrize(("how", "reason"), [
+    ("literal", "they flow into view to [getitem, 8] (write x.flatten(1) or x.view(x.size(0), -1), or size the channel "
+                "axis by -1 or x.size(1), so the shape follows the channels)"),
+    ("squeeze_all", "they flow into squeeze without a dim (name the dimensions to squeeze)"),
+])
+def test_a_squeeze_excitation_that_fixes_the_channel_count_is_refused_by_name(how, reason):
+    found = channel_groups(LinearSE(how), images())
+    assert group_of(found, "conv").reasons == (reason,)
+    assert group_of(found, "fc1").prunable, "the bottleneck does not depend on it"
+
+
 # -- tied weights: refused, naming both uses -----------------------------------------------
 
 class TiedLinears(nn.Module):

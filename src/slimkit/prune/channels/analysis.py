@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import math
+import operator
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import fx, nn
 
 from slimkit.prune.channels.groups import ChannelGroup, Member, Role
 from slimkit.prune.channels.ops import (
+    BROADCAST_AS,
     CAT,
     CONV_TYPES,
     ELEMENTWISE,
@@ -21,6 +24,8 @@ from slimkit.prune.channels.ops import (
     REDUCE,
     RESHAPE,
     SHAPE_ONLY,
+    SQUEEZE,
+    UNSQUEEZE,
     arg,
     op_name,
 )
@@ -49,8 +54,10 @@ def channel_groups(model: nn.Module, example_input: torch.Tensor | tuple, exclud
     Follows each tensor's channel axis (dimension 1 of convolution maps, the last
     dimension of Linear features) from producers (Conv/Linear outputs) through batch
     norms, depthwise convolutions, activations, pooling, dropout, residual additions and
-    multiplications, concatenation, flattening (a channel becomes a block of features)
-    and reductions over other dimensions, to consumers (Conv/Linear inputs).
+    multiplications, concatenation, flattening (a channel becomes a block of features),
+    reshapes that only add or remove size-1 axes (``y.view(b, c, 1, 1)``, ``unsqueeze``,
+    ``y[:, :, None, None]``, as in squeeze-excitation) and reductions over other
+    dimensions, to consumers (Conv/Linear inputs).
 
     A group is non-prunable, with the reason in ``group.reasons``, when its channels reach
     the model's input or output, pass a grouped convolution or an excluded module, meet
@@ -291,6 +298,14 @@ class _Analysis:
             return self.flatten(node, x, start, end)
         if name in RESHAPE:
             return self.reshape(node, x)
+        if name in UNSQUEEZE:
+            return self.unsqueeze(node, x)
+        if name in SQUEEZE:
+            return self.squeeze(node, x)
+        if name == "getitem":
+            return self.index(node, x)
+        if name in BROADCAST_AS:
+            return self.elementwise(node)
         if name in REDUCE:
             return self.reduce(node, x)
         if name in CAT:
@@ -346,13 +361,64 @@ class _Analysis:
         target = list(node.args[1:])
         if len(target) == 1 and isinstance(target[0], (tuple, list)):
             target = list(target[0])
-        # Only the flattening idiom x.view(x.size(0), -1) is safe: the -1 follows the
-        # channel count after shrinking, a literal size would not.
+        # The flattening idiom x.view(x.size(0), -1): the -1 follows the channel count
+        # after shrinking, a literal size would not.
         if x is not None and x.dim == 1 and len(target) == 2 and target[1] == -1:
             return self.flatten(node, x, 1, -1)
-        return self.opaque(
-            node, f"{self.where(node)} to {target} (write x.flatten(1) or x.view(x.size(0), -1) so the shape follows the channels)"
+        refused = (
+            f"{self.where(node)} to {target} (write x.flatten(1) or x.view(x.size(0), -1), or size the "
+            "channel axis by -1 or x.size(1), so the shape follows the channels)"
         )
+        source, out = self.shapes.get(self.args_tensor(node)), self.shapes.get(node)
+        dim = _singleton_map(source, out, x.dim) if x is not None and source and out else None
+        if dim is None or len(target) != len(out):
+            return self.opaque(node, refused)
+        # Adding or removing size-1 dimensions, as squeeze-excitation does with
+        # y.view(b, c, 1, 1): the channel entry must follow the channel count (-1, or
+        # the size of a tensor with the same channels), the others must not depend on it.
+        follows: list[_Chan] = []
+        for i, t in enumerate(target):
+            axis = self.size_source(t)
+            chan = self.chan.get(axis[0]) if axis else None
+            reads_channels = chan is not None and chan.dim == axis[1]
+            if i == dim:
+                if reads_channels:
+                    follows.append(chan)
+                elif not (isinstance(t, int) and t == -1):
+                    return self.opaque(node, refused)
+            elif not isinstance(t, int) and (axis is None or reads_channels):
+                return self.opaque(node, refused)
+        for other in follows:
+            self.unify(x, other, f"{self.where(node)} sizes them by a tensor whose channels were concatenated differently")
+        return _Chan(dim, x.segs)
+
+    def unsqueeze(self, node: fx.Node, x: _Chan | None) -> _Chan | None:
+        source, d = self.shapes.get(self.args_tensor(node)), arg(node, 1, "dim", None)
+        if x is None or source is None or not isinstance(d, int):
+            return self.opaque(node)
+        d %= len(source) + 1
+        return _Chan(x.dim + (d <= x.dim), x.segs)
+
+    def squeeze(self, node: fx.Node, x: _Chan | None) -> _Chan | None:
+        source, dims = self.shapes.get(self.args_tensor(node)), arg(node, 1, "dim", None)
+        if x is None or source is None:
+            return self.opaque(node)
+        if dims is None:
+            # Keeping one channel would make squeeze() drop the channel dimension too.
+            return self.opaque(node, f"{self.where(node)} without a dim (name the dimensions to squeeze)")
+        dims = {d % len(source) for d in (dims if isinstance(dims, (tuple, list)) else [dims])}
+        if x.dim in dims:
+            return self.opaque(node, f"{self.where(node)}, which squeezes their channel dimension")
+        return _Chan(x.dim - sum(d < x.dim and source[d] == 1 for d in dims), x.segs)
+
+    def index(self, node: fx.Node, x: _Chan | None) -> _Chan | None:
+        """``x[:, :, None, None]`` only inserts size-1 dimensions; any other index is opaque."""
+        idx = node.args[1] if len(node.args) > 1 else None
+        items = idx if isinstance(idx, tuple) else (idx,)
+        source, out = self.shapes.get(self.args_tensor(node)), self.shapes.get(node)
+        plain = all(i is None or i is Ellipsis or i == slice(None) for i in items)
+        dim = _singleton_map(source, out, x.dim) if plain and x is not None and source and out else None
+        return self.opaque(node) if dim is None else _Chan(dim, x.segs)
 
     def reduce(self, node: fx.Node, x: _Chan | None) -> _Chan | None:
         shape = self.shapes.get(self.args_tensor(node))
@@ -390,6 +456,24 @@ class _Analysis:
             self.unify(tracked[0], c, f"{self.where(node)} joins tensors whose channels were concatenated differently")
         return tracked[0]
 
+    def size_source(self, value: Any) -> tuple[fx.Node, int] | None:
+        """``(tensor, axis)`` when ``value`` is ``tensor.size(axis)``, ``.size()[axis]`` or ``.shape[axis]``."""
+        if not isinstance(value, fx.Node) or len(value.args) != 2 or not isinstance(value.args[1], int):
+            return None
+        if value.op == "call_method" and value.target == "size":
+            tensor = value.args[0]
+        elif value.op == "call_function" and value.target is operator.getitem and isinstance(value.args[0], fx.Node):
+            sizes = value.args[0]
+            whole = sizes.op == "call_method" and sizes.target == "size" and len(sizes.args) == 1
+            shape = sizes.op == "call_function" and sizes.target is getattr and sizes.args[1:] == ("shape",)
+            if not (whole or shape):
+                return None
+            tensor = sizes.args[0]
+        else:
+            return None
+        rank = len(self.shapes.get(tensor, ())) if isinstance(tensor, fx.Node) else 0
+        return (tensor, value.args[1] % rank) if rank else None
+
     def args_tensor(self, node: fx.Node) -> fx.Node | None:
         first = node.args[0] if node.args else None
         return first if isinstance(first, fx.Node) else None
@@ -398,3 +482,14 @@ class _Analysis:
 def _split(chan: _Chan) -> str:
     return "+".join(str(s.size) if s.block == 1 else f"{s.size}x{s.block}" for s in chan.segs)
 
+
+def _singleton_map(source: tuple[int, ...], out: tuple[int, ...], dim: int) -> int | None:
+    """Where axis ``dim`` of ``source`` ends up when reshaping to ``out`` only adds or removes
+    size-1 axes; ``None`` when the reshape does more, or the axis itself has size 1."""
+    if source[dim] == 1:
+        return None
+    kept_in = [i for i, n in enumerate(source) if n != 1]
+    kept_out = [i for i, n in enumerate(out) if n != 1]
+    if [source[i] for i in kept_in] != [out[i] for i in kept_out]:
+        return None
+    return kept_out[kept_in.index(dim)]

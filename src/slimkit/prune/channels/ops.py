@@ -33,6 +33,10 @@ PASS_OPS = {
 ELEMENTWISE = {"add", "sub", "mul", "truediv", "div", "iadd", "isub", "imul", "itruediv", "add_", "sub_", "mul_", "div_"}
 REDUCE = {"mean", "sum", "amax", "amin"}
 RESHAPE = {"view", "reshape"}
+SQUEEZE = {"squeeze", "squeeze_"}
+UNSQUEEZE = {"unsqueeze", "unsqueeze_"}
+# x.expand_as(y) broadcasts x to y's shape, as x * y would.
+BROADCAST_AS = {"expand_as"}
 CAT = {"cat", "concat", "concatenate"}
 # Ops that read only a tensor's shape or type: they do not constrain its channels.
 SHAPE_ONLY = {"size", "dim", "numel", "getattr"}
