@@ -409,3 +409,48 @@ def test_a_convolution_called_on_inputs_concatenated_differently_is_refused():
     reason = "c is called on inputs split differently (3+3 and 6 channels)"
     assert [group_of(found, m).reasons for m in "abd"] == [(reason,)] * 3
     assert group_of(found, "c").prunable
+
+
+# -- the shape check: a dependency the analysis cannot see leaves the model as it was -------
+
+class SizeDependent(nn.Module):
+    """Its forward branches on a module's size, which the trace freezes at the original's."""
+
+    def __init__(self, mode: str):
+        super().__init__()
+        self.mode = mode
+        self.stem, self.pool = nn.Conv2d(3, 8, 1), nn.AdaptiveAvgPool2d(1)
+        self.head, self.extra = nn.Conv2d(8, 2, 1), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        y = F.relu(self.stem(x))
+        if self.stem.out_channels != 8:
+            if self.mode == "cat":
+                y = torch.cat([y, y], dim=1)
+            elif self.mode == "extra":
+                return self.extra(y)
+            else:
+                return self.head(self.pool(y)).repeat(1, 2, 1, 1)
+        return self.head(self.pool(y))
+
+
+@pytest.mark.parametrize(("mode", "problem"), [
+    ("cat", "module 'pool' (AdaptiveAvgPool2d) receives [2, 8, 8, 8] from relu where [2, 4, 8, 8] was expected"),
+    ("extra", "the pruned model fails in module 'extra' (Conv2d) (RuntimeError: Given groups=1, weight of size [2, 8, 1, 1], "
+              "expected input[2, 4, 8, 8] to have 8 channels, but got 4 channels instead)"),
+    ("output", "the pruned model's output has shape [2, 4, 1, 1] where the original's is [2, 2, 1, 1]"),
+])
+def test_a_wrong_shape_after_shrinking_names_the_module_and_restores_the_model(mode, problem):
+    torch.manual_seed(0)
+    model, x = SizeDependent(mode), images()
+    params = dict(model.named_parameters())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError) as err:
+        prune_channels(model, ChannelPruneConfig(ratio=0.5), example_input=x)
+    assert err.value.problems == [
+        f"channel pruning would leave a wrong shape: {problem}. The channel analysis missed a dependency there, so the "
+        "model is left as it was; exclude the modules around it (exclude=[...]) to prune the rest"
+    ]
+    assert (model.stem.out_channels, model.head.in_channels) == (8, 8)
+    assert all(p is params[k] for k, p in model.named_parameters())
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())

@@ -28,9 +28,10 @@ from slimkit.prune.channels import (
     CONV_TYPES,
     NORM_TYPES,
     ChannelGroup,
-    channel_groups,
+    analyse,
     extent,
     shrink_,
+    shrink_checked_,
     slice_channels,
 )
 from slimkit.prune.importance import LossFn, channel_importance, taylor_importance
@@ -180,15 +181,18 @@ def prune_channels(
         which loading a saved model rebuilds the architecture.
 
     Raises:
-        ConfigError: no example input, a ratio naming no prunable group, or ``taylor``
-            without calibration batches.
+        ConfigError: no example input, a ratio naming no prunable group, ``taylor``
+            without calibration batches, or a shrunk model whose shapes differ from what
+            the channel analysis predicted on the example input (the message names the
+            first module concerned; the model is then left as it was).
         UntraceableModel: torch.fx cannot trace the model; the message names the module
             to put in ``exclude``.
     """
     if config.kept is not None:
         return Pruned(_resize(model, config.kept), config)
     x = _example(model, config, example_input)
-    groups = channel_groups(model, x, config.exclude)
+    analysis = analyse(model, x, config.exclude)
+    groups = analysis.groups
     ratios = _ratios(groups, config)
     chosen = [g for g in ratios if ratios[g] > 0]
     if config.importance == "taylor":
@@ -200,7 +204,8 @@ def prune_channels(
     else:
         counts = {g: kept_channels(g.size, ratios[g], config.round_to, config.min_channels) for g in chosen}
     keep = {g: top_channels(scores[g], n) for g, n in counts.items() if n < g.size}
-    kept = shrink_and_describe(model, keep)
+    shrink_checked_(model, keep, analysis, x)
+    kept = _new_sizes(model, keep)
     return Pruned(sorted({key.rpartition(":")[0] for key in kept}), config.model_copy(update={"kept": kept}))
 
 
@@ -211,6 +216,10 @@ def shrink_and_describe(model: nn.Module, keep: Mapping[ChannelGroup, torch.Tens
     holds: enough to resize a freshly built model to the same shapes.
     """
     shrink_(model, keep)
+    return _new_sizes(model, keep)
+
+
+def _new_sizes(model: nn.Module, keep: Iterable[ChannelGroup]) -> dict[str, int]:
     modules = dict(model.named_modules())
     sizes = {}
     for group in keep:

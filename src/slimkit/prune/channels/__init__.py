@@ -19,10 +19,13 @@ The package is split by concern, each module depending only on those above it:
 - :mod:`~slimkit.prune.channels.tracing`: tracing with ``torch.fx`` and recording shapes;
 - :mod:`~slimkit.prune.channels.ties`: tied weights, which refuse the groups that slice them;
 - :mod:`~slimkit.prune.channels.analysis`: following channels through the graph;
-- :mod:`~slimkit.prune.channels.shrink`: slicing the modules of a group.
+- :mod:`~slimkit.prune.channels.shrink`: slicing the modules of a group;
+- :mod:`~slimkit.prune.channels.check`: shrinking, then checking every shape against the
+  analysis, and undoing it all if one is wrong.
 """
 
-from slimkit.prune.channels.analysis import channel_groups
+from slimkit.prune.channels.analysis import Analysis, analyse, channel_groups
+from slimkit.prune.channels.check import shrink_checked_
 from slimkit.prune.channels.groups import ChannelGroup, Member, Role
 from slimkit.prune.channels.ops import CONV_TYPES, NORM_TYPES
 from slimkit.prune.channels.shrink import extent, shrink_, slice_channels
@@ -32,15 +35,18 @@ from slimkit.prune.channels.tracing import UntraceableModel, trace
 _CONV, _NORM, _extent, _slice = CONV_TYPES, NORM_TYPES, extent, slice_channels
 
 __all__ = [
+    "Analysis",
     "CONV_TYPES",
     "NORM_TYPES",
     "ChannelGroup",
     "Member",
     "Role",
     "UntraceableModel",
+    "analyse",
     "channel_groups",
     "extent",
     "shrink_",
+    "shrink_checked_",
     "slice_channels",
     "trace",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import operator
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,11 +79,56 @@ def channel_groups(model: nn.Module, example_input: torch.Tensor | tuple, exclud
         LayerSelectionError: a pattern in ``exclude`` matches no module.
         ConfigError: the model fails on ``example_input``.
     """
+    return analyse(model, example_input, exclude).groups
+
+
+@dataclass(frozen=True)
+class ModuleCall:
+    """One call of a module in the traced graph, in call order."""
+
+    module: str
+    node: str
+    input: str | None
+    source: str
+
+
+@dataclass
+class Analysis:
+    """What :func:`analyse` learnt about a model on the way to its channel groups.
+
+    Attributes:
+        groups: the channel groups, as :func:`channel_groups` returns them.
+        shapes: the shape of every traced tensor, by graph node name.
+        layout: for every tensor that carries channel groups, its channel axis and the
+            groups along it, in order, as ``(group index, channels, block)``; the group
+            index is ``None`` for channels no module holds (never pruned).
+        calls: the module calls of the graph, in the order forward makes them.
+        outputs: the shapes of the tensors in the model's output.
+    """
+
+    groups: list[ChannelGroup]
+    shapes: dict[str, tuple[int, ...]]
+    layout: dict[str, tuple[int, tuple[tuple[int | None, int, int], ...]]]
+    calls: list[ModuleCall]
+    outputs: list[tuple[int, ...]]
+
+    def expected_shape(self, node: str, kept: Mapping[int, int]) -> tuple[int, ...] | None:
+        """The shape of tensor ``node`` once each group ``i`` keeps ``kept.get(i)`` channels."""
+        shape = self.shapes.get(node)
+        if shape is None or node not in self.layout:
+            return shape
+        dim, segs = self.layout[node]
+        size = sum(kept.get(g, n) * block for g, n, block in segs)
+        return (*shape[:dim], size, *shape[dim + 1 :])
+
+
+def analyse(model: nn.Module, example_input: torch.Tensor | tuple, exclude: Iterable[str] = ()) -> Analysis:
+    """:func:`channel_groups`, with the shapes and channel layout of every traced tensor."""
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
     leaves = excluded_modules(model, exclude)
     gm = trace_with_leaves(model, leaves)
-    shapes = record_shapes(model, gm, inputs)
-    return _Analysis(model, gm, shapes, leaves).run()
+    shapes, outputs = record_shapes(model, gm, inputs)
+    return _Analysis(model, gm, shapes, leaves).run(outputs)
 
 
 class _Analysis:
@@ -146,7 +191,7 @@ class _Analysis:
         return True
 
     # walking the graph ---------------------------------------------------------------
-    def run(self) -> list[ChannelGroup]:
+    def run(self, outputs: list[tuple[int, ...]]) -> Analysis:
         for node in self.gm.graph.nodes:
             chan = self.visit(node)
             if chan is not None and not self._consistent(node, chan):
@@ -156,19 +201,36 @@ class _Analysis:
         for g in range(len(self.parent)):
             roots[self.find(g)].append(g)
         ties = Ties(self.model, self.gm, self.leaves)
-        groups = []
+        groups: list[ChannelGroup] = []
+        index: dict[int, int] = {}
         for root in sorted(roots):
             if self.members[root]:
                 members = tuple(dict.fromkeys(self.members[root]))  # a module called twice is listed once
                 reasons = list(dict.fromkeys([*self.reasons[root], *ties.reasons(members)]))
+                index[root] = len(groups)
                 groups.append(ChannelGroup(len(groups), self.size[root], members, tuple(reasons)))
-        return groups
+        layout = {
+            node.name: (chan.dim, tuple((index.get(self.find(s.group)), s.size, s.block) for s in chan.segs))
+            for node, chan in self.chan.items()
+            if chan is not None
+        }
+        calls = []
+        for node in self.gm.graph.nodes:
+            if node.op == "call_module":
+                source = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+                calls.append(ModuleCall(str(node.target), node.name, source and source.name, self.where(source) if source else ""))
+        shapes = {node.name: shape for node, shape in self.shapes.items()}
+        return Analysis(groups, shapes, layout, calls, outputs)
 
     def _consistent(self, node: fx.Node, chan: _Chan) -> bool:
         shape = self.shapes.get(node)
         return shape is not None and 0 <= chan.dim < len(shape) and shape[chan.dim] == sum(s.size * s.block for s in chan.segs)
 
     def where(self, node: fx.Node) -> str:
+        if node.op == "placeholder":
+            return f"the model's input {node.target!r}"
+        if node.op == "get_attr":
+            return f"the attribute {node.target!r}"
         if node.op == "call_module":
             return f"module {node.target!r} ({type(self.model.get_submodule(node.target)).__name__})"
         stack = node.meta.get("nn_module_stack") or {}

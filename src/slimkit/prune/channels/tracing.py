@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import fx, nn
 
 from slimkit.config import LayerSelector
@@ -99,8 +100,14 @@ class _ShapeRecorder(fx.Interpreter):
         return result
 
 
-def record_shapes(model: nn.Module, gm: fx.GraphModule, inputs: tuple) -> dict[fx.Node, tuple[int, ...]]:
-    """Run ``gm`` (traced from ``model``) on ``inputs``; the shape of every tensor node.
+def record_shapes(
+    model: nn.Module, gm: fx.GraphModule, inputs: tuple
+) -> tuple[dict[fx.Node, tuple[int, ...]], list[tuple[int, ...]]]:
+    """Run ``gm`` (traced from ``model``) on ``inputs``.
+
+    Returns:
+        The shape of every tensor node, and of every tensor in the output (see
+        :func:`output_shapes`).
 
     Raises:
         ConfigError: the model fails on ``inputs``; the message names the original error.
@@ -111,10 +118,16 @@ def record_shapes(model: nn.Module, gm: fx.GraphModule, inputs: tuple) -> dict[f
         try:
             recorder = _ShapeRecorder(gm)
             with torch.no_grad():
-                recorder.run(*inputs)
+                result = recorder.run(*inputs)
         except Exception as e:
             # Name the original error: it may be a bug in the model rather than a bad input.
             lines = str(e).strip().splitlines()
             what = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
             raise ConfigError(f"example_input: the model fails on it ({what}); give an input the model accepts") from e
-    return recorder.shapes
+    return recorder.shapes, output_shapes(result)
+
+
+def output_shapes(output: Any) -> list[tuple[int, ...]]:
+    """The shapes of the tensors in a model's output (a tensor, or tuples, lists, dicts of them)."""
+    leaves, _ = pytree.tree_flatten(output)
+    return [tuple(t.shape) for t in leaves if isinstance(t, torch.Tensor)]
