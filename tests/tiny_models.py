@@ -6,6 +6,7 @@ or the module alone (:func:`tiny_cnn`), which the loader accepts too.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -131,6 +132,25 @@ def images(n=2, size=6, seed=1):
 
 def n_params(model):
     return sum(p.numel() for p in model.parameters())
+
+
+def masked(model: nn.Module, keep) -> nn.Module:
+    """A copy of ``model`` whose channels not in ``keep[group]`` are zeroed where they are
+    produced: filters, biases and batch-norm scale and shift, so that a zeroed channel is
+    zero at the batch norm's output too. Removing them must give exactly its outputs."""
+    out = copy.deepcopy(model)
+    modules = dict(out.named_modules())
+    with torch.no_grad():
+        for group, idx in keep.items():
+            drop = torch.ones(group.size, dtype=torch.bool)
+            drop[idx] = False
+            for m in group.members:
+                if m.role != "in":
+                    for attr in ("weight", "bias"):
+                        p = getattr(modules[m.module], attr, None)
+                        if p is not None:
+                            p[m.offset : m.offset + group.size][drop] = 0
+    return out
 
 
 def kept(model: nn.Module) -> dict[str, int]:

@@ -7,12 +7,10 @@ biases and batch-norm affine parameters set to zero), for every kind of tie.
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import DataDependent, randomise_bn
+from tiny_models import DataDependent, masked, randomise_bn
 from torch import nn
 
 from slimkit.errors import ConfigError, LayerSelectionError
@@ -22,24 +20,6 @@ from slimkit.zoo.mobilenet import InvertedResidual, MobileNetV2
 
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def masked(model: nn.Module, keep: dict[ChannelGroup, torch.Tensor]) -> nn.Module:
-    """A copy of ``model`` whose dropped channels are zeroed where they are produced."""
-    out = copy.deepcopy(model)
-    modules = dict(out.named_modules())
-    with torch.no_grad():
-        for group, idx in keep.items():
-            drop = torch.ones(group.size, dtype=torch.bool)
-            drop[idx] = False
-            for m in group.members:
-                if m.role == "in":
-                    continue
-                for attr in ("weight", "bias"):
-                    p = getattr(modules[m.module], attr, None)
-                    if p is not None:
-                        p[m.offset : m.offset + group.size][drop] = 0
-    return out
 
 
 def assert_masking_equivalence(model, x, keep, atol=1e-6):

@@ -13,7 +13,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
-from tiny_models import FULL_PARAMS, DataDependent, TinyCNN, images, kept, n_params, tiny_cnn
+from tiny_models import (
+    FULL_PARAMS,
+    DataDependent,
+    TinyCNN,
+    images,
+    kept,
+    masked,
+    n_params,
+    tiny_cnn,
+)
 from torch import nn
 
 import slimkit.prune.cnn  # noqa: F401  (registers ChannelPruneConfig)
@@ -33,24 +42,6 @@ from slimkit.quantize.api import transforms_of
 from slimkit.registry import handler_for
 from slimkit.zoo.mobilenet import MobileNetV2, mobilenet_v2
 from slimkit.zoo.models import LoadedModel
-
-
-def masked(model, keep):
-    """A copy whose dropped channels are zeroed where produced: filters, biases and batch-norm
-    scale and shift, so that a zeroed channel is zero at the batch norm's output too."""
-    out = copy.deepcopy(model)
-    modules = dict(out.named_modules())
-    with torch.no_grad():
-        for group, idx in keep.items():
-            drop = torch.ones(group.size, dtype=torch.bool)
-            drop[idx] = False
-            for m in group.members:
-                if m.role != "in":
-                    for attr in ("weight", "bias"):
-                        p = getattr(modules[m.module], attr, None)
-                        if p is not None:
-                            p[m.offset : m.offset + group.size][drop] = 0
-    return out
 
 
 def test_the_tiny_cnn_has_the_four_prunable_groups():

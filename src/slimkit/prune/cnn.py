@@ -25,13 +25,14 @@ from slimkit.config import SlimConfig
 from slimkit.errors import ConfigError
 from slimkit.prune.api import Pruned
 from slimkit.prune.channels import (
-    _CONV,
-    _NORM,
+    CONV_TYPES,
+    NORM_TYPES,
     ChannelGroup,
-    _extent,
-    _slice,
-    channel_groups,
+    analyse,
+    extent,
     shrink_,
+    shrink_checked_,
+    slice_channels,
 )
 from slimkit.prune.importance import LossFn, channel_importance, taylor_importance
 from slimkit.registry import register
@@ -230,18 +231,21 @@ def prune_channels(
         which loading a saved model rebuilds the architecture.
 
     Raises:
-        ConfigError: no example input, a ratio naming no prunable group, or ``taylor``
-            without calibration batches.
+        ConfigError: no example input, a ratio naming no prunable group, ``taylor``
+            without calibration batches, or a shrunk model whose shapes differ from what
+            the channel analysis predicted on the example input (the message names the
+            first module concerned; the model is then left as it was).
         UntraceableModel: torch.fx cannot trace the model; the message names the module
             to put in ``exclude``.
     """
     if config.kept is not None:
         return Pruned(_resize(model, config.kept), config)
     x = _example(model, config, example_input)
-    analysis = None
+    chosen_by = None  # how a budget chose the ratios
     if config.budget is not None:
-        config, analysis = _config_for_budget(model, x, config, evaluate, calibration, loss_fn)
-    groups = channel_groups(model, x, config.exclude)
+        config, chosen_by = _config_for_budget(model, x, config, evaluate, calibration, loss_fn)
+    analysis = analyse(model, x, config.exclude)
+    groups = analysis.groups
     ratios = _ratios(groups, config)
     chosen = [g for g in ratios if ratios[g] > 0]
     if config.importance == "taylor":
@@ -253,9 +257,10 @@ def prune_channels(
     else:
         counts = {g: kept_channels(g.size, ratios[g], config.round_to, config.min_channels) for g in chosen}
     keep = {g: top_channels(scores[g], n) for g, n in counts.items() if n < g.size}
-    kept = shrink_and_describe(model, keep)
+    shrink_checked_(model, keep, analysis, x)
+    kept = _new_sizes(model, keep)
     return Pruned(sorted({key.rpartition(":")[0] for key in kept}), config.model_copy(update={"kept": kept}),
-                  analysis)
+                  chosen_by)
 
 
 def _config_for_budget(model: nn.Module, x: Any, config: ChannelPruneConfig, evaluate, calibration,
@@ -286,11 +291,15 @@ def shrink_and_describe(model: nn.Module, keep: Mapping[ChannelGroup, torch.Tens
     holds: enough to resize a freshly built model to the same shapes.
     """
     shrink_(model, keep)
+    return _new_sizes(model, keep)
+
+
+def _new_sizes(model: nn.Module, keep: Iterable[ChannelGroup]) -> dict[str, int]:
     modules = dict(model.named_modules())
     sizes = {}
     for group in keep:
         for m in group.members:
-            size = _extent(modules[m.module], m.role)
+            size = extent(modules[m.module], m.role)
             if size != m.extent:
                 sizes[f"{m.module}:{m.role}"] = size
     return dict(sorted(sizes.items()))
@@ -309,15 +318,15 @@ def _resize(model: nn.Module, sizes: Mapping[str, int]) -> list[str]:
         except AttributeError:
             problems.append(f"{name!r}: the saved record names a module this model does not have")
             continue
-        if not isinstance(module, (*_CONV, nn.Linear, *_NORM)) or not 0 < size <= _extent(module, role):
+        if not isinstance(module, (*CONV_TYPES, nn.Linear, *NORM_TYPES)) or not 0 < size <= extent(module, role):
             problems.append(f"{key}={size}: cannot resize {type(module).__name__} {name!r} to that")
             continue
         plan.append((module, role, size))
     if problems:
         raise ConfigError(problems)
     for module, role, size in plan:
-        if _extent(module, role) != size:
-            _slice(module, role, torch.arange(size))
+        if extent(module, role) != size:
+            slice_channels(module, role, torch.arange(size))
     return sorted({key.rpartition(":")[0] for key in sizes})
 
 

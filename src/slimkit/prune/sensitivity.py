@@ -24,7 +24,7 @@ from torch import nn
 
 from slimkit.errors import ConfigError
 from slimkit.modes import eval_mode
-from slimkit.prune.channels import _CONV, _NORM, ChannelGroup, channel_groups, shrink_
+from slimkit.prune.channels import CONV_TYPES, NORM_TYPES, ChannelGroup, channel_groups, shrink_
 from slimkit.prune.cnn import group_key, kept_channels, prunable_groups, top_channels
 from slimkit.prune.importance import (
     IMPORTANCE_METHODS,
@@ -179,17 +179,17 @@ def channel_costs(
     poly: dict[tuple[str, ...], int] = defaultdict(int)
     modelled = 0
     for name, module in model.named_modules():
-        if not (isinstance(module, (*_CONV, nn.Linear)) or (isinstance(module, _NORM) and module.affine)):
+        if not (isinstance(module, (*CONV_TYPES, nn.Linear)) or (isinstance(module, NORM_TYPES) and module.affine)):
             continue
         out = dims.get((name, 0), {None: _size(module, 0)})
-        if isinstance(module, _NORM):
+        if isinstance(module, NORM_TYPES):
             if kind == "params":
                 _add(poly, _scale(out, 2))
                 modelled += 2 * module.num_features
             continue
         weight = module.weight
         per_out = weight[0].numel() if weight.dim() > 1 else 1
-        if isinstance(module, _CONV) and module.groups > 1:
+        if isinstance(module, CONV_TYPES) and module.groups > 1:
             # A depthwise convolution's filters follow its outputs; a grouped one is fixed.
             w = _scale(out, per_out) if module.groups == module.out_channels else {None: weight.numel()}
         else:
@@ -224,7 +224,7 @@ def cost_of(costs: Mapping[str, Any], kept: Mapping[str, int]) -> int:
 
 
 def _size(module: nn.Module, dim: int) -> int:
-    if isinstance(module, _NORM):
+    if isinstance(module, NORM_TYPES):
         return module.num_features
     if isinstance(module, nn.Linear):
         return module.out_features if dim == 0 else module.in_features
@@ -254,7 +254,7 @@ def _output_shapes(model: nn.Module, inputs: tuple) -> dict[str, list[tuple[int,
     shapes: dict[str, list[tuple[int, ...]]] = defaultdict(list)
     hooks = [
         m.register_forward_hook(lambda _m, _i, out, name=name: shapes[name].append(tuple(out.shape)))
-        for name, m in model.named_modules() if isinstance(m, (*_CONV, nn.Linear))
+        for name, m in model.named_modules() if isinstance(m, (*CONV_TYPES, nn.Linear))
     ]
     try:
         with eval_mode(model), torch.no_grad():
