@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from slimkit import registry
+from slimkit import registry, stages
 from slimkit.config import LayerSelector, SlimConfig
 from slimkit.deploy.export import ExportConfig
 from slimkit.errors import ConfigError
@@ -43,18 +43,18 @@ def example(cls: type[SlimConfig]) -> SlimConfig:
 
 
 def all_config_classes() -> list[type[SlimConfig]]:
-    kinds = [*registry.kinds(), *RECORDED_ONLY]
-    return [registry.config_class(k, m) for k in kinds for m in registry.methods(k)]
+    kinds = [*stages.kinds(), *RECORDED_ONLY]
+    return [stages.config_class(k, m) for k in kinds for m in stages.methods(k)]
 
 
 def test_kinds_and_methods():
-    assert registry.kinds() == sorted(EXPECTED)
+    assert stages.kinds() == sorted(EXPECTED)
     for kind, methods in EXPECTED.items():
-        assert registry.methods(kind) == methods
-    assert registry.methods("search") == []
+        assert stages.methods(kind) == methods
+    assert stages.methods("search") == []
     for kind, methods in RECORDED_ONLY.items():
-        assert kind not in registry.kinds() and registry.methods(kind) == methods
-    assert registry.config_class("quantize", "int3") is None
+        assert kind not in stages.kinds() and stages.methods(kind) == methods
+    assert stages.config_class("quantize", "int3") is None
 
 
 @pytest.mark.parametrize("cls", all_config_classes(), ids=lambda c: c.__name__)
@@ -62,8 +62,8 @@ def test_default_config_round_trips(cls):
     cfg = example(cls)
     data = cfg.to_dict()
     assert (data["kind"], data["method"]) == (cls.kind, cls.method)
-    assert registry.config_class(cls.kind, cls.method) is cls
-    back = registry.config_from_dict(data)
+    assert stages.config_class(cls.kind, cls.method) is cls
+    back = stages.config_from_dict(data)
     assert type(back) is cls
     assert back == cfg
 
@@ -76,7 +76,7 @@ def test_non_default_configs_round_trip():
         TransformerPruneConfig(heads={0: 0.5, 3: 0.25}, ffn=0.3, importance="michel",
                                kept={0: LayerStructure(heads=[0, 2], ffn=5), 3: LayerStructure(heads=3)}),
     ]:
-        assert registry.config_from_dict(cfg.to_dict()) == cfg
+        assert stages.config_from_dict(cfg.to_dict()) == cfg
 
 
 def test_every_registered_class_has_a_handler():
@@ -86,14 +86,14 @@ def test_every_registered_class_has_a_handler():
 
 def test_config_from_dict_unknown_method():
     with pytest.raises(ConfigError) as info:
-        registry.config_from_dict({"kind": "quantize", "method": "int3", "version": 1})
+        stages.config_from_dict({"kind": "quantize", "method": "int3", "version": 1})
     (problem,) = info.value.problems
     assert "'int3'" in problem and "dynamic_int8" in problem
 
 
 def test_config_from_dict_does_not_mutate_its_input():
     data = DynamicInt8Config().to_dict()
-    registry.config_from_dict(data)
+    stages.config_from_dict(data)
     assert data["kind"] == "quantize" and data["method"] == "dynamic_int8"
 
 
@@ -130,7 +130,7 @@ def test_register_a_new_method(monkeypatch):
     def noop(model, config, **_):
         return ["x"]
 
-    assert "noop_for_test" in registry.methods("quantize")
+    assert "noop_for_test" in stages.methods("quantize")
     model = type("M", (), {})()
     assert quantize_(model, Noop()) == ["x"]
     assert model._slimkit_transforms == [{"config": Noop().to_dict(), "layers": ["x"]}]

@@ -16,7 +16,7 @@ _EXPORTS = {
     "distill": "slimkit.distill",  # the package is the verb: slimkit.distill(teacher, student, data, config)
     "cluster_": "slimkit.compress.api",
     "export": "slimkit.deploy.export",
-    "load_model": "slimkit.zoo.models",
+    "load_model": "slimkit.serialize",
     "load_task": "slimkit.zoo.tasks",
     "save": "slimkit.serialize",
     "load": "slimkit.serialize",

@@ -70,7 +70,7 @@ def _profile(recipe: Recipe, args: argparse.Namespace) -> None:
     from slimkit.errors import ConfigError
     from slimkit.memory.profile_table import print_profile
     from slimkit.memory.profiler import profile
-    from slimkit.zoo.models import load_model
+    from slimkit.serialize import load_model
 
     if args.top < 0:
         raise ConfigError(f"--top {args.top}: give a count of tensors to list, 0 or more")
@@ -98,7 +98,7 @@ def _harness_inputs(recipe: Recipe, model: LoadedModel) -> dict | tuple:
 
     from slimkit.errors import ConfigError
     from slimkit.measure.image_workload import is_image_task
-    from slimkit.measure.workload import workload_for
+    from slimkit.measure.workloads import workload_for
 
     spec = recipe.spec
     if model.tokenizer is not None or is_image_task(spec.task):

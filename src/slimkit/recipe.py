@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from slimkit.config import SlimConfig, format_validation_error
 from slimkit.errors import ConfigError
-from slimkit.registry import config_class, kinds, methods
+from slimkit.stages import config_class, kinds, methods
 
 RECIPE_VERSION = 1
 

@@ -1,4 +1,8 @@
-"""Methods registered against their config type: adding a method is adding one file."""
+"""Methods registered against their config type: adding a method is adding one file.
+
+The lookups by name see the methods registered so far. :mod:`slimkit.stages` imports
+every built-in method, so code that turns names into configs looks them up there.
+"""
 
 from __future__ import annotations
 
@@ -36,19 +40,16 @@ def handler_for(config: SlimConfig) -> Callable[..., Any]:
 
 def config_class(kind: str, method: str) -> type[SlimConfig] | None:
     """The config class registered as ``method`` of stage ``kind``, or None."""
-    _load_builtin_methods()
     return _CONFIGS.get((kind, method))
 
 
 def methods(kind: str) -> list[str]:
     """Names of every method registered for stage ``kind``."""
-    _load_builtin_methods()
     return sorted(m for k, m in _CONFIGS if k == kind)
 
 
 def kinds() -> list[str]:
     """The stage kinds a recipe may name."""
-    _load_builtin_methods()
     return sorted({k for (k, _), cls in _CONFIGS.items() if cls.recipe_stage})
 
 
@@ -60,24 +61,3 @@ def config_from_dict(data: dict[str, Any]) -> SlimConfig:
     if cls is None:
         raise ConfigError(f"unknown {kind} method {method!r}; known: {methods(kind)}")
     return cls.model_validate(data)
-
-
-def _load_builtin_methods() -> None:
-    # Importing the method modules runs their @register decorators. They are listed
-    # explicitly (not discovered by scanning) so what is registered is plain to see.
-    import slimkit.compress.cluster  # noqa: F401
-    import slimkit.deploy.export  # noqa: F401
-    import slimkit.distill.stage  # noqa: F401
-    import slimkit.memory.stages  # noqa: F401
-    import slimkit.prune.cnn  # noqa: F401
-    import slimkit.prune.heads  # noqa: F401
-    import slimkit.prune.magnitude  # noqa: F401
-    import slimkit.quantize.convert  # noqa: F401
-    import slimkit.quantize.dynamic  # noqa: F401
-    import slimkit.quantize.lowp  # noqa: F401
-    import slimkit.quantize.ort  # noqa: F401
-    import slimkit.quantize.qat  # noqa: F401
-    import slimkit.quantize.static_int8  # noqa: F401
-    import slimkit.quantize.weight_only  # noqa: F401
-    import slimkit.train.head  # noqa: F401
-    import slimkit.train.stage  # noqa: F401

@@ -25,12 +25,14 @@ from slimkit.measure import energy as energy_mod
 from slimkit.measure.latency import measure_latency
 from slimkit.measure.memory import peak_rss
 from slimkit.measure.runners import make_runner
-from slimkit.measure.workload import Workload, workload_for
+from slimkit.measure.workload import Workload
+from slimkit.measure.workloads import workload_for
 from slimkit.prune.api import prune_
 from slimkit.quantize.api import quantize_, record_transform, transforms_of
 from slimkit.recipe import Recipe
 from slimkit.registry import handler_for
-from slimkit.zoo.models import LoadedModel, load_model
+from slimkit.serialize import load_model
+from slimkit.zoo.models import LoadedModel
 
 METRICS_SCHEMA_VERSION = 1
 BASELINE = "fp32"
@@ -167,7 +169,7 @@ def apply_stages(model: LoadedModel, configs: list[SlimConfig], workdir: Path, c
             workload = context.workload
             current, record = run_distill_stage(
                 current, cfg, getattr(workload, "train_texts", None), folder, context.device, context.progress,
-                original=model, train_labels=getattr(workload, "train_labels", None))
+                original=model, train_labels=getattr(workload, "train_labels", None), load=load_model)
             record_transform(current.module, cfg, [])
             architecture = current
             if training is not None:

@@ -23,8 +23,9 @@ from slimkit.atomic import write_json, write_with
 from slimkit.deploy.onnx_model import OnnxModel
 from slimkit.errors import ModelLoadError
 from slimkit.quantize.api import TRANSFORMS_ATTR, transforms_of
-from slimkit.registry import config_from_dict, handler_for
+from slimkit.stages import config_from_dict, handler_for
 from slimkit.zoo.models import LoadedModel, build_from_spec
+from slimkit.zoo.models import load_model as load_pretrained
 
 FORMAT = "slimkit.model"
 FORMAT_VERSION = 1
@@ -110,3 +111,26 @@ def load(folder: str | Path) -> LoadedModel | OnnxModel:
         ) from None
     model.module.eval()
     return model
+
+
+def load_model(source: str) -> LoadedModel:
+    """Load a PyTorch model from any source a recipe's ``model:`` names.
+
+    Args:
+        source: a folder saved by :func:`save`, or what
+            :func:`slimkit.zoo.load_model` takes: a zoo name (``minilm-l6``,
+            ``mobilenet-v2``), a local Hugging Face model directory, or
+            ``package.module:function`` naming a callable that returns an ``nn.Module``
+            or a ``(module, example_inputs)`` pair.
+
+    Raises:
+        ModelLoadError: the source does not exist, its files are missing or corrupt, or
+            it holds an ONNX model.
+    """
+    path = Path(source)
+    if not (path.is_dir() and (path / "slimkit.json").is_file()):
+        return load_pretrained(source)
+    saved = load(path)
+    if not isinstance(saved, LoadedModel):
+        raise ModelLoadError(f"{path} holds an ONNX model; give the PyTorch model it came from")
+    return saved

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
+import slimkit.compress.huffman as huffman
 from slimkit.atomic import write_bytes
-from slimkit.compress import huffman
 from slimkit.compress.cluster import shared_weights
 from slimkit.errors import ConfigError, ModelLoadError
 

@@ -13,7 +13,7 @@ held-out texts (all from the train split; the test split is left for the measure
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -133,9 +133,14 @@ class DistillStageConfig(DistillConfig):
         return DistillConfig(**{**fields, "losses": losses})
 
 
-def build_student(teacher: LoadedModel, spec: StudentSpec, seed: int) -> LoadedModel:
-    """The student ``spec`` describes, built from (and never sharing weights with) ``teacher``."""
-    student = shallow_transformer(teacher, spec.layers) if spec.layers else load_model(spec.model)
+def build_student(teacher: LoadedModel, spec: StudentSpec, seed: int,
+                  load: Callable[[str], LoadedModel] = load_model) -> LoadedModel:
+    """The student ``spec`` describes, built from (and never sharing weights with) ``teacher``.
+
+    ``load`` loads ``spec.model``; the runner passes :func:`slimkit.load_model`, which
+    also takes folders saved by :func:`slimkit.save` (it sits above the stages).
+    """
+    student = shallow_transformer(teacher, spec.layers) if spec.layers else load(spec.model)
     if spec.init == "random":
         torch.manual_seed(seed)
         for module in student.module.modules():
@@ -166,7 +171,8 @@ def _batches(tokenizer, texts: list[str], max_len: int, size: int = 64) -> list[
 def run_distill_stage(current: LoadedModel, config: DistillStageConfig, train_texts: list[str] | None,
                       checkpoint_dir: Path | None = None, device: str | torch.device = "cpu",
                       progress: bool = True, original: LoadedModel | None = None,
-                      train_labels: Sequence[int] | None = None) -> tuple[LoadedModel, dict[str, Any]]:
+                      train_labels: Sequence[int] | None = None,
+                      load: Callable[[str], LoadedModel] = load_model) -> tuple[LoadedModel, dict[str, Any]]:
     """Build the student, distil the teacher into it, and return it with a training record.
 
     Args:
@@ -179,6 +185,7 @@ def run_distill_stage(current: LoadedModel, config: DistillStageConfig, train_te
         train_labels: the labels of ``train_texts``; with them (and held-out texts) every
             evaluation also reports the task metric ``val_accuracy``. Ignored when the
             stage reads a text file.
+        load: loads a ``student.model`` source (see :func:`build_student`).
 
     Returns:
         The student, and ``{"steps", "seconds", "history", "evals", "best", "before",
@@ -215,7 +222,7 @@ def run_distill_stage(current: LoadedModel, config: DistillStageConfig, train_te
     train, val = (texts[:-n_val], texts[-n_val:]) if n_val else (texts, [])
     device = torch.device(device)
     if student is None:
-        student = build_student(teacher, config.student, config.seed)
+        student = build_student(teacher, config.student, config.seed, load)
     teacher.module.to(device)
     student.module.to(device)
 

@@ -23,9 +23,9 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
+import slimkit.distill.attention as A
+import slimkit.distill.losses as L
 from slimkit.atomic import recover_dir
-from slimkit.distill import attention as A
-from slimkit.distill import losses as L
 from slimkit.distill.cache import CACHE_FILE, cached_outputs, data_fingerprint, module_fingerprint
 from slimkit.distill.checkpoint import META, load_checkpoint, save_checkpoint
 from slimkit.distill.config import ATTENTION_KINDS, OUTPUT_KINDS, DistillConfig, LossTerm

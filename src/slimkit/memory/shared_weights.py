@@ -328,7 +328,7 @@ def build_skeleton(meta: Mapping[str, Any], tokenizer_dir: Path | None = None):
     replayed on a model built normally: their handlers read the weights' values.
     """
     from slimkit.quantize.api import TRANSFORMS_ATTR
-    from slimkit.registry import config_from_dict, handler_for
+    from slimkit.stages import config_from_dict, handler_for
     from slimkit.zoo.models import build_from_spec
 
     transforms = [t for t in meta.get("transforms", []) if t.get("layers")]

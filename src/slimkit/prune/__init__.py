@@ -14,6 +14,7 @@ from slimkit.prune.magnitude import (
     make_permanent_,
 )
 from slimkit.prune.sensitivity import channel_costs, channel_sensitivity, cost_of, ratios_for_budget
+from slimkit.prune.transformer import prune_transformer_
 from slimkit.prune.transformer_sensitivity import (
     config_for_budget,
     transformer_costs,
@@ -21,6 +22,7 @@ from slimkit.prune.transformer_sensitivity import (
 )
 
 __all__ = [
+    "prune_transformer_",
     "prune_",
     "Pruned",
     "TransformerPruneConfig",

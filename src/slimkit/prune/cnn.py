@@ -24,6 +24,13 @@ from torch import nn
 from slimkit.config import SlimConfig
 from slimkit.errors import ConfigError
 from slimkit.prune.api import Pruned
+from slimkit.prune.channel_counts import (
+    _rounded,
+    group_key,
+    kept_channels,
+    prunable_groups,
+    top_channels,
+)
 from slimkit.prune.channels import (
     CONV_TYPES,
     NORM_TYPES,
@@ -35,6 +42,7 @@ from slimkit.prune.channels import (
     slice_channels,
 )
 from slimkit.prune.importance import LossFn, channel_importance, taylor_importance
+from slimkit.prune.sensitivity import channel_costs, channel_sensitivity, ratios_for_budget
 from slimkit.registry import register
 
 _ROLES = ("out", "in", "norm", "depthwise")
@@ -174,34 +182,6 @@ class ChannelPruneConfig(SlimConfig):
         return self
 
 
-def group_key(group: ChannelGroup) -> str:
-    """The name of a group: the qualified name of its first producing module.
-
-    Stable for a given architecture: analysing a freshly built copy gives the same keys.
-    """
-    producers = group.producers
-    return producers[0].module if producers else f"#{group.index}"
-
-
-def prunable_groups(groups: Iterable[ChannelGroup]) -> list[ChannelGroup]:
-    """The groups whose channels may be removed and that have filters to score."""
-    return [g for g in groups if g.prunable and g.producers]
-
-
-def kept_channels(size: int, ratio: float, round_to: int = 1, min_channels: int = 1) -> int:
-    """How many of ``size`` channels a group keeps when ``ratio`` of them are removed.
-
-    ``floor(ratio * size)`` channels are removed; the rest is rounded up to a multiple of
-    ``round_to`` and raised to ``min_channels``, never beyond ``size``.
-    """
-    return _rounded(size, size - math.floor(ratio * size + 1e-9), round_to, min_channels)
-
-
-def _rounded(size: int, keep: int, round_to: int, min_channels: int) -> int:
-    keep = max(keep, min_channels)
-    return min(-(-keep // round_to) * round_to, size)
-
-
 @register(ChannelPruneConfig)
 def prune_channels(
     model: nn.Module,
@@ -266,8 +246,6 @@ def prune_channels(
 def _config_for_budget(model: nn.Module, x: Any, config: ChannelPruneConfig, evaluate, calibration,
                        loss_fn) -> tuple[ChannelPruneConfig, dict[str, Any]]:
     """``config`` with the per-group ratios that meet its budget, and the analysis that chose them."""
-    from slimkit.prune.sensitivity import channel_costs, channel_sensitivity, ratios_for_budget
-
     budget = config.budget
     assert budget is not None
     if evaluate is None:
@@ -396,9 +374,3 @@ def _global_counts(scores: Mapping[ChannelGroup, torch.Tensor], ratio: float, ro
             budget -= 1
     # Rounding goes up, so no group loses more than the global ranking gave it.
     return {g: _rounded(g.size, n, round_to, min_channels) for g, n in kept.items()}
-
-
-def top_channels(scores: torch.Tensor, n: int) -> torch.Tensor:
-    """Indices of the ``n`` highest ``scores``, ascending; ties keep the lower index."""
-    # A stable sort keeps the lower index among equal scores, so the choice is reproducible.
-    return torch.sort(scores, descending=True, stable=True).indices[:n].sort().values

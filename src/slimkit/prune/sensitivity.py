@@ -24,8 +24,8 @@ from torch import nn
 
 from slimkit.errors import ConfigError
 from slimkit.modes import eval_mode
+from slimkit.prune.channel_counts import group_key, kept_channels, prunable_groups, top_channels
 from slimkit.prune.channels import CONV_TYPES, NORM_TYPES, ChannelGroup, channel_groups, shrink_
-from slimkit.prune.cnn import group_key, kept_channels, prunable_groups, top_channels
 from slimkit.prune.importance import (
     IMPORTANCE_METHODS,
     LossFn,
@@ -67,7 +67,7 @@ def channel_sensitivity(
         evaluate: ``evaluate(model) -> float``, the task metric (accuracy, or a loss with
             ``higher_is_better=False``).
         ratios: fractions of channels removed, each in ``(0, 1)``.
-        groups: keys of the groups to analyse (see :func:`slimkit.prune.cnn.group_key`),
+        groups: keys of the groups to analyse (see :func:`slimkit.prune.channel_counts.group_key`),
             or None for every prunable group.
         importance: ``l1``, ``l2`` or ``taylor``: which channels go first.
         round_to: kept channel counts are multiples of this (as in ``ChannelPruneConfig``).

@@ -13,6 +13,7 @@ from torch import nn
 
 from slimkit.errors import DataError
 from slimkit.layers import set_module
+from slimkit.quantize.dynamic_linear import DynamicInt8Linear
 
 
 def linear_sensitivity(
@@ -27,8 +28,6 @@ def linear_sensitivity(
         per_channel: weight granularity to score with.
         samples: how many calibration inputs to use.
     """
-    from slimkit.quantize.dynamic import DynamicInt8Linear
-
     if not calibration:
         raise DataError("sensitivity needs calibration inputs from the train split; none were given")
     feeds = [{k: torch.from_numpy(np.asarray(v)) for k, v in f.items()} for f in calibration[:samples]]

@@ -220,7 +220,7 @@ def mobilenet_v2(pretrained: bool = True, num_classes: int = IMAGENET_CLASSES, d
 
 def zoo_model(pretrained: bool = True):
     """The zoo's ``mobilenet-v2`` as a :class:`slimkit.zoo.models.LoadedModel`."""
-    from slimkit.zoo.models import LoadedModel
+    from slimkit.zoo.loaded import LoadedModel
 
     module = mobilenet_v2(pretrained=pretrained)
     return LoadedModel(module, {**module.spec, "source": f"zoo:{ZOO_NAME}"}, None, None, (torch.zeros(1, 3, 224, 224),))
@@ -228,7 +228,7 @@ def zoo_model(pretrained: bool = True):
 
 def from_spec(spec: dict[str, Any]):
     """Rebuild the architecture described by ``spec`` (random weights) as a ``LoadedModel``."""
-    from slimkit.zoo.models import LoadedModel
+    from slimkit.zoo.loaded import LoadedModel
 
     args = {k: spec[k] for k in ("num_classes", "width_mult", "dropout") if k in spec}
     module = MobileNetV2(**args).eval()

