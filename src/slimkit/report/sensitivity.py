@@ -7,7 +7,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from slimkit.report.html import COLOR_BASELINE, COLOR_OTHER, _no_data, _png
+from slimkit.report.figures import COLOR_BASELINE, COLOR_OTHER, _no_data, _png
 
 # Enough colours to tell the most sensitive groups apart; the rest are drawn quietly.
 _HIGHLIGHT = ("#e07b00", "#c0392b", "#7d3c98", "#1f77b4", "#2e8b57", "#8c564b")
