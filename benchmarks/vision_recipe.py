@@ -43,7 +43,7 @@ OUTPUT = "pruned-int8"
 USER_MODEL = "user_models:small_resnet"
 # The same pipeline on a slice of the data and a few steps: checks the script and the recipe run.
 QUICK = [
-    "task.train_limit=600", "task.test_limit=200",
+    "task.train_limit=600", "task.test_limit=200", "task.image_size=64",
     "prepare.0.train.max_steps=4", "prepare.0.train.validation=64", "prepare.0.train.eval_every=2",
     "stages.0.prune.budget.images=32", "stages.0.prune.budget.ratios=[0.5]", "stages.0.prune.importance=l1",
     "stages.1.train.max_steps=2", "stages.1.train.validation=64", "stages.1.train.eval_every=2",

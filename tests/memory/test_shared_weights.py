@@ -202,14 +202,17 @@ def test_two_processes_share_the_weights_pages(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
     runs = {mode: measure_together([[sys.executable, "-c", WORKER, mode, str(path)]] * 2, env=env, files=[path])
             for mode in ("shared", "private", "none")}
-    total = {mode: sum(m.pss for m in r) for mode, r in runs.items()}
     # Same weights; the sum may round differently (a mapped tensor is 8-byte, not 64-byte, aligned).
     assert runs["shared"][0].info["out"] == pytest.approx(runs["private"][0].info["out"], rel=1e-5)
     # Each shared process has the whole file resident; their shares add up to one copy.
     for m in runs["shared"]:
         assert m.files["Rss"] >= weights - 8192
     assert abs(sum(m.files["Pss"] for m in runs["shared"]) - weights) <= 64 * 1024
-    # Private: two copies. Shared: one, so the difference is about one copy of the weights.
-    assert total["private"] - total["none"] >= 1.8 * weights
-    assert total["shared"] - total["none"] <= 1.25 * weights
-    assert total["private"] - total["shared"] >= 0.75 * weights, {k: v / MiB for k, v in total.items()}
+    # Only figures of these processes' own pages: total PSS also moves with whatever else
+    # on the machine maps the same libraries. A private copy is private memory (USS) of
+    # each process; a shared mapping adds none.
+    idle = max(m.uss for m in runs["none"])
+    extra = {mode: [(m.uss - idle) / weights for m in r] for mode, r in runs.items()}
+    assert all(x >= 0.9 for x in extra["private"]), extra
+    assert all(x <= 0.25 for x in extra["shared"]), extra
+    assert all(m.files["Pss"] == 0 for m in runs["private"])
