@@ -82,7 +82,7 @@ def test_distilled_variant_records_its_training_and_the_report_shows_it(run_fold
     m = json.loads((run_folder / "metrics.json").read_text())
     v = next(v for v in m["variants"] if v["name"] == "distilled")
     (t,) = v["training"]
-    assert t["stage"] == 0 and t["train_texts"] == 100 and t["validation_texts"] == 20 and t["steps"] == 8
+    assert t["stage"] == 0 and t["kind"] == "distill" and t["train_texts"] == 100 and t["validation_texts"] == 20 and t["steps"] == 8
     assert len(t["history"]) == 8 and len(t["evals"]) == 2
     assert t["best"]["value"] > t["before"]["val_cosine"]
     # The task's labels give every evaluation a task metric too (a head on the 100 training texts).

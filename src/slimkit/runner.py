@@ -173,7 +173,7 @@ def apply_stages(model: LoadedModel, configs: list[SlimConfig], workdir: Path, c
             record_transform(current.module, cfg, [])
             architecture = current
             if training is not None:
-                training.append({"stage": i, **record})
+                training.append({"stage": i, "kind": "distill", **record})
         elif cfg.kind == "train":
             from slimkit.train.stage import run_train_stage
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from slimkit.memory.arena import ArenaConfig
 from slimkit.memory.checkpoint import CheckpointConfig
-from slimkit.registry import register
+from slimkit.registry import config_from_dict, register
 
 
 class CheckpointStageConfig(CheckpointConfig):
@@ -59,7 +59,4 @@ def arena_config(model: nn.Module) -> ArenaStageConfig | None:
     from slimkit.quantize.api import transforms_of
 
     found = [t["config"] for t in transforms_of(model) if t["config"]["kind"] == ArenaStageConfig.kind]
-    if not found:
-        return None
-    data = {k: v for k, v in found[-1].items() if k not in ("kind", "method")}
-    return ArenaStageConfig.model_validate(data)
+    return config_from_dict(found[-1]) if found else None

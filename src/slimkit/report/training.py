@@ -13,7 +13,7 @@ from slimkit.report.formatting import DASH, _fmt, _get, _num, _pct, _ratio, _tex
 
 def _training(variants: list[dict[str, Any]], baseline: str | None, batch_sizes: list[int]) -> dict | None:
     """The teacher / student table and training curves, when a variant was distilled."""
-    # Distillation records carry no kind (they predate the others).
+    # Records in metrics files written before records had a kind are distillation.
     trained = [(v, t) for v in variants for t in (v.get("training") or []) if t.get("kind", "distill") == "distill"]
     if not trained:
         return None
