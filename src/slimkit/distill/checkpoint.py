@@ -4,6 +4,15 @@ A checkpoint holds the student (and projection) weights, the optimizer's state, 
 random-number generators' states and the loop's counters, so that a run resumed from it
 continues exactly as the uninterrupted run would have. Nothing is pickled.
 
+One process writes its tensors into ``state.safetensors``. A parallel run (see
+:mod:`slimkit.parallel`) writes the same tensors, under the same names, with
+``torch.distributed.checkpoint`` into ``dcp/``: each process writes the shards it holds,
+and loading reads whatever shards the loading processes need, so a run resumes at another
+number of processes (or in one process) and a single process resumes a parallel run.
+Each process's random-number state goes into ``rng.RANK.safetensors``. The main process
+writes ``state.json`` and moves the finished folder into place after every process has
+written its part.
+
 Other files in the folder (the teacher cache, by default) are not the checkpoint's: each
 save carries them over into the new folder, so replacing the checkpoint keeps them.
 """
@@ -17,7 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import _init_optim_state
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from slimkit.atomic import atomic_dir
 from slimkit.errors import SlimkitError
@@ -25,16 +37,28 @@ from slimkit.errors import SlimkitError
 STATE = "state.safetensors"
 META = "state.json"
 BEST = "best.safetensors"
+SHARDED = "dcp"
+RNG = "rng.{rank}.safetensors"
 
 
-def _flat_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    sd = opt.state_dict()
+def _optimizer_state(opt: torch.optim.Optimizer) -> dict[str, Any]:
+    # A ZeRO-1 optimizer holds its partition only; its whole state is gathered first.
+    consolidate = getattr(opt, "consolidate_state_dict", None)
+    if consolidate is None:
+        return opt.state_dict()
+    from slimkit.parallel.ddp import consolidated_optimizer_state
+
+    return consolidated_optimizer_state(opt)
+
+
+def _flat_optimizer(opt: torch.optim.Optimizer, to_cpu: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = _optimizer_state(opt)
     tensors, scalars = {}, {}
     for idx, state in sd["state"].items():
         for key, value in state.items():
             name = f"optim.{idx}.{key}"
             if isinstance(value, torch.Tensor):
-                tensors[name] = value.detach().cpu().contiguous()
+                tensors[name] = value.detach().cpu().contiguous() if to_cpu else value.detach()
             else:
                 scalars[name] = value
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
@@ -56,7 +80,7 @@ def _carry_over(folder: Path, new: Path) -> None:
         return
     for entry in folder.iterdir():
         # Hidden names are temporary files of interrupted atomic writes.
-        if entry.name in (STATE, META, BEST) or entry.name.startswith(".") or not entry.is_file():
+        if entry.name in (STATE, META, BEST) or entry.name.startswith((".", "rng.")) or not entry.is_file():
             continue
         try:
             os.link(entry, new / entry.name)  # a second name for the same data: no copy
@@ -65,15 +89,18 @@ def _carry_over(folder: Path, new: Path) -> None:
 
 
 def save_checkpoint(folder: Path, trainable: torch.nn.Module, opt: torch.optim.Optimizer,
-                    loop: dict[str, Any], best: dict[str, torch.Tensor] | None) -> None:
-    """Write a checkpoint into ``folder``, replacing the previous one only when complete."""
+                    loop: dict[str, Any], best: dict[str, torch.Tensor] | None, strategy: Any = None) -> None:
+    """Write a checkpoint into ``folder``, replacing the previous one only when complete.
+
+    Under a parallel ``strategy`` every process calls it (see the module's docstring).
+    """
+    if strategy is not None and strategy.distributed:
+        _save_sharded(folder, trainable, opt, loop, best, strategy)
+        return
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in trainable.state_dict().items()}
     opt_tensors, opt_meta = _flat_optimizer(opt)
     tensors.update(opt_tensors)
-    tensors["rng.torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{i}"] = s
+    tensors.update(_rng_tensors())
     with atomic_dir(folder) as tmp:
         _carry_over(folder, tmp)
         save_file(tensors, str(tmp / STATE))
@@ -82,19 +109,107 @@ def save_checkpoint(folder: Path, trainable: torch.nn.Module, opt: torch.optim.O
         (tmp / META).write_text(json.dumps({"loop": loop, "optimizer": opt_meta}, indent=1))
 
 
-def load_checkpoint(folder: Path, trainable: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
-    """Restore what :func:`save_checkpoint` wrote; return the loop state and best weights."""
-    try:
-        meta = json.loads((folder / META).read_text())
-        tensors = load_file(str(folder / STATE))
-    except (OSError, ValueError) as e:
-        raise SlimkitError(f"{folder}: unreadable checkpoint ({e}); delete the folder to start over") from None
-    model_sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    trainable.load_state_dict(model_sd)
-    opt.load_state_dict(_unflat_optimizer(tensors, meta["optimizer"]))
-    torch.set_rng_state(tensors["rng.torch"])
+def _rng_tensors() -> dict[str, torch.Tensor]:
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    return tensors
+
+
+def _set_rng(tensors: dict[str, torch.Tensor]) -> None:
+    if "rng.torch" in tensors:
+        torch.set_rng_state(tensors["rng.torch"])
     cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
-    best = load_file(str(folder / BEST)) if (folder / BEST).exists() else None
+
+
+def _save_sharded(folder: Path, trainable: torch.nn.Module, opt: torch.optim.Optimizer, loop: dict[str, Any],
+                  best: dict[str, torch.Tensor] | None, strategy: Any) -> None:
+    # Sharded tensors (DTensors) stay where they are; DCP writes each process's shards
+    # and, of tensors every process holds whole, one copy.
+    tensors = {f"model.{k}": v.detach() for k, v in trainable.state_dict().items()}
+    opt_tensors, opt_meta = _flat_optimizer(opt, to_cpu=False)
+    tensors.update(opt_tensors)
+    if best is not None:
+        tensors.update({f"best.{k}": v for k, v in best.items()})
+
+    def write_parts(tmp: Path) -> None:
+        dcp.save(tensors, checkpoint_id=str(tmp / SHARDED))
+        save_file(_rng_tensors(), str(tmp / RNG.format(rank=strategy.rank)))
+        strategy.barrier()  # every process's part is on disk
+
+    if strategy.main:
+        with atomic_dir(folder) as tmp:
+            strategy.share(str(tmp))
+            _carry_over(folder, tmp)
+            write_parts(tmp)
+            (tmp / META).write_text(json.dumps({"loop": loop, "optimizer": opt_meta, "processes": strategy.size}, indent=1))
+    else:
+        write_parts(Path(strategy.share(None)))
+    strategy.barrier()  # the folder is in place before anyone reads or replaces it
+
+
+def _templates(trainable: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """This process's tensors under the checkpoint's names, shaped (and sharded) as it holds them."""
+    _init_optim_state(opt)  # an optimizer that never stepped has no state to load into yet
+    out = {f"model.{k}": v for k, v in trainable.state_dict().items()}
+    out.update(_flat_optimizer(opt, to_cpu=False)[0])
+    out.update({f"best.{k}": v for k, v in trainable.state_dict().items()})
+    return out
+
+
+def _read_sharded(folder: Path, templates: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    path = str(folder / SHARDED)
+    saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    wanted = {k: torch.empty_like(v) for k, v in templates.items() if k in saved}
+    missing = [k for k in templates if k not in saved and not k.startswith("best.")]
+    if missing:
+        raise SlimkitError(f"{folder}: the checkpoint holds another model (no {', '.join(missing[:3])}); "
+                           "delete the folder or choose another one to start over")
+    dcp.load(wanted, checkpoint_id=path)
+    rng = folder / RNG.format(rank=rank)
+    if rng.is_file():
+        wanted.update(load_file(str(rng)))
+    return wanted
+
+
+def _like(value: torch.Tensor, template: torch.Tensor) -> torch.Tensor:
+    # A whole tensor for a sharded one: this process keeps its shard of it.
+    if isinstance(template, DTensor) and not isinstance(value, DTensor):
+        return distribute_tensor(value.to(template.device), template.device_mesh, template.placements)
+    return value
+
+
+def load_checkpoint(folder: Path, trainable: torch.nn.Module, opt: torch.optim.Optimizer,
+                    strategy: Any = None) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
+    """Restore what :func:`save_checkpoint` wrote; return the loop state and best weights.
+
+    Either layout loads under any strategy: one process reads a parallel run's shards
+    whole, and a parallel run takes its shards of a one-process checkpoint.
+    """
+    distributed = strategy is not None and strategy.distributed
+    try:
+        meta = json.loads((folder / META).read_text())
+        if (folder / SHARDED).is_dir():
+            tensors = _read_sharded(folder, _templates(trainable, opt), strategy.rank if distributed else 0)
+        else:
+            tensors = load_file(str(folder / STATE))
+            if (folder / BEST).exists():
+                tensors.update({f"best.{k}": v for k, v in load_file(str(folder / BEST)).items()})
+            if distributed:
+                templates = _templates(trainable, opt)
+                tensors = {k: _like(v, templates[k]) if k in templates else v for k, v in tensors.items()}
+    except (OSError, ValueError) as e:
+        raise SlimkitError(f"{folder}: unreadable checkpoint ({e}); delete the folder to start over") from None
+    model_sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    try:
+        trainable.load_state_dict(model_sd)
+    except RuntimeError as e:
+        raise SlimkitError(f"{folder}: the checkpoint holds another model ({str(e).splitlines()[-1].strip()}); "
+                           "delete the folder or choose another one to start over") from None
+    opt.load_state_dict(_unflat_optimizer(tensors, meta["optimizer"]))
+    _set_rng(tensors)
+    best = {k[len("best."):]: v for k, v in tensors.items() if k.startswith("best.")} or None
     return meta["loop"], best

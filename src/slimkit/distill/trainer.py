@@ -30,6 +30,7 @@ from slimkit.distill.cache import CACHE_FILE, cached_outputs, data_fingerprint, 
 from slimkit.distill.checkpoint import META, load_checkpoint, save_checkpoint
 from slimkit.distill.config import ATTENTION_KINDS, OUTPUT_KINDS, DistillConfig, LossTerm
 from slimkit.errors import ConfigError, DataError, LayerSelectionError, SlimkitError
+from slimkit.parallel.strategy import Single
 
 
 @dataclass
@@ -190,7 +191,8 @@ class Distiller:
     def __init__(self, teacher: nn.Module | None, student: nn.Module, data: DistillData, config: DistillConfig,
                  evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
                  checkpoint_dir: str | Path | None = None, device: str | torch.device | None = None,
-                 progress: bool = True, on_step: Callable[[int, nn.Module], None] | None = None):
+                 progress: bool = True, on_step: Callable[[int, nn.Module], None] | None = None,
+                 strategy: Single | None = None):
         if len(data) == 0:
             raise DataError("distillation data is empty; give at least one training example")
         if any(t.kind == "hard_ce" for t in config.losses) and data.labels is None:
@@ -206,7 +208,11 @@ class Distiller:
             if self.needs_teacher:
                 raise ConfigError("only hard_ce terms train without a teacher; give a teacher model")
             teacher = nn.Identity()  # plain supervised training through the same loop
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        # Where this process computes and which share of each batch: one process unless a
+        # parallel strategy (slimkit.parallel) says otherwise.
+        self.strategy = strategy or Single(device)
+        self.device = self.strategy.device
+        self.strategy.check_batch(config.batch_size, len(data))
         self.teacher = teacher.to(self.device).eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
@@ -215,8 +221,9 @@ class Distiller:
         if config.bf16 and not self.bf16:
             warnings.warn(f"bf16: {self.device} has no bfloat16 autocast; training in float32", stacklevel=3)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
-        if self.checkpoint_dir:
+        if self.checkpoint_dir and self.strategy.main:
             recover_dir(self.checkpoint_dir)  # a kill mid-replace leaves the previous checkpoint aside
+        self.strategy.barrier()
         self._refuse_checkpoint_of_another_config()
         self.progress = progress
         _check_layers(self.teacher, sorted({t for term in config.losses for t in term.layers.values()}), "teacher")
@@ -228,25 +235,45 @@ class Distiller:
         self._epoch_batches: tuple[torch.Tensor, ...] = ()
         self.teacher_cache: torch.Tensor | None = None
         if config.teacher_cache_mode != "none" and self.needs_teacher:
-            self.teacher_cache = self._teacher_outputs() if config.teacher_cache_mode == "memory" else self._disk_cache()
+            if config.teacher_cache_mode == "memory":
+                self.teacher_cache = self._teacher_outputs()
+            else:
+                # The main process writes the disk cache; the others then read it.
+                if self.strategy.main:
+                    self.teacher_cache = self._disk_cache()
+                self.strategy.barrier()
+                if not self.strategy.main:
+                    self.teacher_cache = self._disk_cache()
         torch.manual_seed(config.seed)  # initialises the projections
         self.projections = self._check_shapes()
+        self._student_call: Callable[..., Any] = self.student
+        self._student_call = self.strategy.wrap(self.student, self.projections, self._probe_loss)
         self.trainable = nn.ModuleDict({"student": self.student, "projections": self.projections})
         params = [p for p in self.trainable.parameters() if p.requires_grad]
-        if config.optimizer == "adamw":
-            self.opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-        else:
-            self.opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        self.opt = self.strategy.optimizer(self._optimizer, params)
         micro = math.ceil(len(data) / config.batch_size)
         self.steps_per_epoch = max(1, micro // config.grad_accum)
         total = self.steps_per_epoch * config.epochs
         self.total_steps = min(total, config.max_steps) if config.max_steps else total
 
     # -- set-up -------------------------------------------------------------------------
-    def _forward(self, model: nn.Module, inputs, layers):
+    def _optimizer(self, params) -> torch.optim.Optimizer:
+        c = self.config
+        if c.optimizer == "adamw":
+            return torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+        return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+
+    def _probe_loss(self) -> torch.Tensor:
+        """The loss of the first two examples, through the unwrapped student."""
+        idx = torch.arange(min(2, len(self.data)))
+        inputs, labels = self.data.batch(idx, self.device)
+        return self.loss(inputs, labels, idx)[0]
+
+    def _forward(self, model: nn.Module, inputs, layers, call: Callable[..., Any] | None = None):
+        # Hooks go on ``model``'s layers by name; ``call`` runs it (a parallel wrapper).
         cap = _Capture(model, layers)
         try:
-            out = model(**inputs)
+            out = (call or model)(**inputs)
         finally:
             cap.close()
         return out, cap.outputs
@@ -387,7 +414,7 @@ class Distiller:
                 t_out, t_hidden = self._forward(self.teacher, inputs, self.t_layers)
         else:
             t_out, t_hidden = None, {}
-        s_out, s_hidden = self._forward(self.student, inputs, self.s_layers)
+        s_out, s_hidden = self._forward(self.student, inputs, self.s_layers, self._student_call)
         mask = inputs.get("attention_mask")
         total = torch.zeros((), device=self.device)
         parts = {}
@@ -450,12 +477,12 @@ class Distiller:
                                 "best": None, "bad_evals": 0, "stopped_early": False}
         best_weights = None
         if self.checkpoint_dir and (self.checkpoint_dir / META).exists():
-            saved, best_weights = load_checkpoint(self.checkpoint_dir, self.trainable, self.opt)
+            saved, best_weights = load_checkpoint(self.checkpoint_dir, self.trainable, self.opt, self.strategy)
             if saved.get("fingerprint") != loop["fingerprint"]:
                 raise self._another_config_error()
             loop = saved
         columns = [TextColumn("distill"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn()]
-        with Progress(*columns, disable=not self.progress) as bar:
+        with Progress(*columns, disable=not (self.progress and self.strategy.main)) as bar:
             task = bar.add_task("distill", total=self.total_steps, completed=loop["step"], loss="-")
             while loop["step"] < self.total_steps and not loop["stopped_early"]:
                 started = time.perf_counter()
@@ -474,7 +501,7 @@ class Distiller:
                     best_weights = self._eval(loop, step, epoch, best_weights)
                 loop["seconds"] = loop.get("seconds", 0.0) + time.perf_counter() - started
                 if self.checkpoint_dir and ((c.checkpoint_every and step % c.checkpoint_every == 0) or (not c.checkpoint_every and end_of_epoch) or step == self.total_steps or loop["stopped_early"]):
-                    save_checkpoint(self.checkpoint_dir, self.trainable, self.opt, loop, best_weights)
+                    save_checkpoint(self.checkpoint_dir, self.trainable, self.opt, loop, best_weights, self.strategy)
         if best_weights is not None:
             self.trainable.load_state_dict(best_weights)
         self.student.eval()
@@ -499,31 +526,45 @@ class Distiller:
         total, parts_sum = 0.0, {}
         for k in range(c.grad_accum):
             idx = batches[(in_epoch * c.grad_accum + k) % len(batches)]
-            inputs, labels = self.data.batch(idx, self.device)
-            with ExitStack() as stack:
-                if self.bf16:
-                    stack.enter_context(torch.autocast(self.device.type, dtype=torch.bfloat16))
-                loss, parts = self.loss(inputs, labels, idx)
-            if not torch.isfinite(loss):
-                where = f" (last good checkpoint kept in {self.checkpoint_dir})" if self.checkpoint_dir else ""
-                raise NonFiniteLoss(
-                    f"the loss became {float(loss.detach())} at step {step + 1}{where}; lower the learning rate "
-                    "or check the data for NaN/inf"
-                )
-            (loss / c.grad_accum).backward()
-            total += float(loss.detach()) / c.grad_accum
+            # This process's share of the micro-batch, weighted so that the gradients the
+            # strategy averages are those of the whole micro-batch's mean loss.
+            local = self.strategy.shard(idx)
+            weight = self.strategy.loss_weight(len(local), len(idx))
+            inputs, labels = self.data.batch(local, self.device)
+            with self.strategy.accumulating(last=k == c.grad_accum - 1):
+                with ExitStack() as stack:
+                    if self.bf16:
+                        stack.enter_context(torch.autocast(self.device.type, dtype=torch.bfloat16))
+                    loss, parts = self.loss(inputs, labels, local)
+                if not self.strategy.distributed and not torch.isfinite(loss):
+                    raise self._non_finite(float(loss.detach()), step)
+                (loss * weight / c.grad_accum).backward()
+            total += float(loss.detach()) * weight / c.grad_accum
             for name, v in parts.items():
-                parts_sum[name] = parts_sum.get(name, 0.0) + v / c.grad_accum
+                parts_sum[name] = parts_sum.get(name, 0.0) + v * weight / c.grad_accum
+        if self.strategy.distributed:
+            # Every process learns the global values, so all of them stop together on a NaN.
+            total, *values = self.strategy.mean([total, *parts_sum.values()])
+            parts_sum = dict(zip(parts_sum, values, strict=True))
+            if not math.isfinite(total):
+                raise self._non_finite(total, step)
         if c.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.trainable.parameters(), c.max_grad_norm)
+            self.strategy.clip_grad_norm([p for p in self.trainable.parameters() if p.grad is not None], c.max_grad_norm)
         self.opt.step()
         return total, parts_sum
+
+    def _non_finite(self, value: float, step: int) -> NonFiniteLoss:
+        where = f" (last good checkpoint kept in {self.checkpoint_dir})" if self.checkpoint_dir else ""
+        return NonFiniteLoss(f"the loss became {value} at step {step + 1}{where}; lower the learning rate "
+                             "or check the data for NaN/inf")
 
     def _eval(self, loop, step, epoch, best_weights):
         c = self.config
         self.student.eval()
         with torch.no_grad():
-            metrics = {k: float(v) for k, v in self.evaluate(self.student).items()}
+            # Computed once and shared where the model is whole on every process, on every
+            # process where it is sharded; all of them then take the same decisions.
+            metrics = self.strategy.agree(lambda: {k: float(v) for k, v in self.evaluate(self.student).items()})
         loop["evals"].append({"step": step, "epoch": epoch, **metrics})
         es = c.early_stopping
         if es is None:

@@ -1,0 +1,74 @@
+"""A worker process of a parallel job: ``python -m slimkit.parallel.worker JOB_DIR``.
+
+Started by torchrun (see :mod:`slimkit.parallel.launch`), it joins the process group,
+builds the strategy and runs the job's function; an exception is written to
+``error.RANK.json`` for the parent to report.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from slimkit.atomic import write_json
+from slimkit.errors import ConfigError, SlimkitError
+from slimkit.parallel.config import ParallelConfig
+from slimkit.parallel.launch import ERROR, JOB
+
+
+def resolve(target: str) -> Callable[..., Any]:
+    """The function ``package.module:function`` or ``path/to/file.py:function`` names."""
+    where, sep, name = target.rpartition(":")
+    if not sep or not where or not name:
+        raise ConfigError(f"job target {target!r}: write it as package.module:function or file.py:function")
+    if where.endswith(".py"):
+        spec = importlib.util.spec_from_file_location(Path(where).stem, where)
+        if spec is None or spec.loader is None:
+            raise ConfigError(f"job target {target!r}: cannot import {where}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(where)
+    return getattr(module, name)
+
+
+def main(job_dir: str) -> int:
+    from slimkit.parallel.strategies import make_strategy
+    from slimkit.parallel.world import join, leave
+
+    folder = Path(job_dir)
+    job = json.loads((folder / JOB).read_text())
+    config = ParallelConfig.model_validate(job["parallel"])
+    torch.set_num_threads(int(job["threads"]))
+    rank = int(os.environ.get("RANK", "-1"))
+    try:
+        world = join(config)
+        rank = world.rank
+        strategy = make_strategy(world, config)
+        resolve(job["target"])(strategy, folder, **job["args"])
+        strategy.barrier()
+        return 0
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, then the process exits non-zero
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        message = str(e) if isinstance(e, SlimkitError) else f"{type(e).__name__}: {e}"
+        write_json(folder / ERROR.format(rank=rank if rank >= 0 else "unknown"),
+                   {"rank": rank, "type": type(e).__name__, "message": message, "traceback": traceback.format_exc()})
+        traceback.print_exc()
+        return 1
+    finally:
+        leave()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

@@ -1,0 +1,140 @@
+"""Training runs shared by the multi-process tests and their one-process references.
+
+Each ``run_*`` trains a tiny seeded model a few optimizer steps through the one training
+loop under a given strategy and returns the full parameters and last gradients. The
+``*_job`` functions run in torchrun workers (``slimkit.parallel.launch``): several
+strategies per launch, since each launch costs seconds of start-up; the main process
+writes what they found to safetensors files in the job folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from slimkit.distill import DistillConfig, DistillData, LossTerm
+from slimkit.distill.trainer import Distiller
+from slimkit.parallel.config import ParallelConfig
+from slimkit.parallel.strategies import make_strategy
+
+STEPS = 3
+
+
+class Classifier(nn.Module):
+    """10 -> 32 -> 32 -> 4 with LayerNorm; no dropout or batch norm, so that a batch split
+    across processes computes exactly what the whole batch does."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.layers = nn.ModuleList([nn.Sequential(nn.Linear(10, 32), nn.LayerNorm(32), nn.ReLU()),
+                                     nn.Sequential(nn.Linear(32, 32), nn.LayerNorm(32), nn.ReLU())])
+        self.head = nn.Linear(32, 4)
+        self.unused = nn.Linear(3, 3)  # never called: data parallel must not wait for its gradient
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+class Encoder(nn.Module):
+    """A 2-layer BERT (4 heads of 8) whose output is the mean-pooled last hidden state."""
+
+    def __init__(self, seed: int = 0, heads: int = 4):
+        super().__init__()
+        from transformers import BertConfig, BertModel
+
+        torch.manual_seed(seed)
+        config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=heads,
+                            intermediate_size=64, max_position_embeddings=16, hidden_dropout_prob=0.0,
+                            attention_probs_dropout_prob=0.0)
+        self.backbone = BertModel(config, add_pooling_layer=True)  # the pooler is never used
+
+    def forward(self, input_ids, attention_mask):
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(out.dtype)
+        return (out * mask).sum(1) / mask.sum(1)
+
+
+def classifier_data(n: int = 40) -> DistillData:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 10, generator=g)
+    return DistillData({"x": x}, labels=(x[:, 0] > 0).long() + 2 * (x[:, 1] > 0).long())
+
+
+def text_data(n: int = 24) -> DistillData:
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(1, 50, (n, 12), generator=g)
+    lengths = torch.randint(4, 13, (n,), generator=g)
+    mask = (torch.arange(12)[None, :] < lengths[:, None]).long()
+    return DistillData({"input_ids": ids * mask, "attention_mask": mask})
+
+
+def classifier_config(optimizer: str = "adamw", **kw) -> DistillConfig:
+    return DistillConfig(losses=[LossTerm(kind="hard_ce")], optimizer=optimizer, lr=1e-2, max_steps=STEPS,
+                         batch_size=7, grad_accum=2, max_grad_norm=1.0, **kw)
+
+
+def text_config(**kw) -> DistillConfig:
+    return DistillConfig(losses=[LossTerm(kind="output_cosine")], lr=1e-3, max_steps=STEPS, batch_size=6, **kw)
+
+
+def full(t: torch.Tensor | None) -> torch.Tensor | None:
+    if t is None:
+        return None
+    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().float().cpu().clone()
+
+
+def run_classifier(strategy=None, optimizer: str = "adamw", checkpoint_dir=None, **kw) -> dict[str, torch.Tensor]:
+    student = Classifier()
+    d = Distiller(None, student, classifier_data(), classifier_config(optimizer, **kw), progress=False,
+                  strategy=strategy, checkpoint_dir=checkpoint_dir, device="cpu" if strategy is None else None)
+    d.run()
+    return _found(student)
+
+
+def run_text(strategy=None, heads: int = 4) -> dict[str, torch.Tensor]:
+    teacher, student = Encoder(seed=5, heads=heads), Encoder(seed=0, heads=heads)
+    d = Distiller(teacher, student, text_data(), text_config(), progress=False, strategy=strategy,
+                  device="cpu" if strategy is None else None)
+    d.run()
+    return _found(student)
+
+
+def _found(student: nn.Module) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, p in student.named_parameters():
+        out[f"param.{name}"] = full(p)
+        g = full(p.grad)
+        if g is not None:
+            out[f"grad.{name}"] = g
+    return out
+
+
+def _write(strategy, job_dir: Path, name: str, found: dict[str, torch.Tensor]) -> None:
+    if strategy.main:
+        save_file({k: v.contiguous() for k, v in found.items()}, str(job_dir / f"{name}.safetensors"))
+
+
+def _other(strategy, name: str, **kw):
+    return make_strategy(strategy.world, ParallelConfig(strategy=name, nproc=strategy.size, **kw))
+
+
+def two_process_job(strategy, job_dir: Path) -> None:
+    """Every 2-process strategy on the tiny models, in one launch."""
+    _write(strategy, job_dir, "ddp", run_classifier(strategy))
+    _write(strategy, job_dir, "zero1", run_classifier(_other(strategy, "ddp", zero1=True)))
+    _write(strategy, job_dir, "fsdp", run_classifier(_other(strategy, "fsdp")))
+    _write(strategy, job_dir, "fsdp_bf16", run_classifier(_other(strategy, "fsdp", mixed_precision="bf16"), optimizer="sgd"))
+    _write(strategy, job_dir, "ddp_distill", run_text(_other(strategy, "ddp")))
+    _write(strategy, job_dir, "tp", run_text(_other(strategy, "tp")))
+
+
+def four_process_job(strategy, job_dir: Path) -> None:
+    """FSDP x TP on a 2 x 2 mesh."""
+    _write(strategy, job_dir, "fsdp_tp", run_text(strategy))
