@@ -9,6 +9,8 @@ writes what they found to safetensors files in the job folder.
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import torch
@@ -28,11 +30,11 @@ class Classifier(nn.Module):
     """10 -> 32 -> 32 -> 4 with LayerNorm; no dropout or batch norm, so that a batch split
     across processes computes exactly what the whole batch does."""
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, seed: int = 0, width: int = 32):
         super().__init__()
         torch.manual_seed(seed)
-        self.layers = nn.ModuleList([nn.Sequential(nn.Linear(10, 32), nn.LayerNorm(32), nn.ReLU()),
-                                     nn.Sequential(nn.Linear(32, 32), nn.LayerNorm(32), nn.ReLU())])
+        self.layers = nn.ModuleList([nn.Sequential(nn.Linear(10, width), nn.LayerNorm(width), nn.ReLU()),
+                                     nn.Sequential(nn.Linear(width, 32), nn.LayerNorm(32), nn.ReLU())])
         self.head = nn.Linear(32, 4)
         self.unused = nn.Linear(3, 3)  # never called: data parallel must not wait for its gradient
 
@@ -90,10 +92,12 @@ def full(t: torch.Tensor | None) -> torch.Tensor | None:
     return (t.full_tensor() if isinstance(t, DTensor) else t).detach().float().cpu().clone()
 
 
-def run_classifier(strategy=None, optimizer: str = "adamw", checkpoint_dir=None, **kw) -> dict[str, torch.Tensor]:
-    student = Classifier()
+def run_classifier(strategy=None, optimizer: str = "adamw", checkpoint_dir=None, on_step=None, width: int = 32,
+                   **kw) -> dict[str, torch.Tensor]:
+    student = Classifier(width=width)
     d = Distiller(None, student, classifier_data(), classifier_config(optimizer, **kw), progress=False,
-                  strategy=strategy, checkpoint_dir=checkpoint_dir, device="cpu" if strategy is None else None)
+                  strategy=strategy, checkpoint_dir=checkpoint_dir, device="cpu" if strategy is None else None,
+                  on_step=on_step)
     d.run()
     return _found(student)
 
@@ -138,3 +142,19 @@ def two_process_job(strategy, job_dir: Path) -> None:
 def four_process_job(strategy, job_dir: Path) -> None:
     """FSDP x TP on a 2 x 2 mesh."""
     _write(strategy, job_dir, "fsdp_tp", run_text(strategy))
+
+
+def kill_at(step: int, rank: int = 1):
+    """An ``on_step`` that kills this process (``kill -9``) at ``step`` if it is ``rank``."""
+    def on_step(done: int, _model) -> None:
+        if done == step and int(os.environ.get("RANK", "0")) == rank:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return on_step
+
+
+def checkpoint_job(strategy, job_dir: Path, kill: int | None = None) -> None:
+    """The classifier under the job's strategy, checkpointing every step into ``job_dir/ckpt``;
+    rank 1 is killed at step ``kill``, if given."""
+    found = run_classifier(strategy, checkpoint_dir=job_dir / "ckpt", checkpoint_every=1,
+                           on_step=kill_at(kill) if kill else None)
+    _write(strategy, job_dir, "final", found)

@@ -164,9 +164,15 @@ def _read_sharded(folder: Path, templates: dict[str, torch.Tensor], rank: int) -
     path = str(folder / SHARDED)
     saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
     wanted = {k: torch.empty_like(v) for k, v in templates.items() if k in saved}
-    missing = [k for k in templates if k not in saved and not k.startswith("best.")]
-    if missing:
-        raise SlimkitError(f"{folder}: the checkpoint holds another model (no {', '.join(missing[:3])}); "
+    # Optimizer state exists only for parameters that have had a gradient, and best
+    # weights only after an evaluation; every weight of the model must be there.
+    missing = [k for k in templates if k not in saved and k.startswith("model.")]
+    # A DTensor's shape is the whole tensor's, as the checkpoint records it.
+    resized = [f"{k} is {list(saved[k].size)} there, {list(v.shape)} here" for k, v in wanted.items()
+               if list(getattr(saved[k], "size", v.shape)) != list(v.shape)]
+    if missing or resized:
+        what = f"no {', '.join(missing[:3])}" if missing else "; ".join(resized[:3])
+        raise SlimkitError(f"{folder}: the checkpoint holds another model ({what}); "
                            "delete the folder or choose another one to start over")
     dcp.load(wanted, checkpoint_id=path)
     rng = folder / RNG.format(rank=rank)

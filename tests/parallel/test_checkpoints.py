@@ -1,0 +1,67 @@
+"""Distributed checkpoints: a run killed mid-way resumes to the parameters of one that never
+stopped, and a checkpoint resumes at another number of processes."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import scenarios as S
+from conftest import run_job
+from safetensors.torch import load_file
+
+from slimkit.errors import SlimkitError
+from slimkit.parallel.config import ParallelConfig
+from slimkit.parallel.launch import ParallelError
+
+pytestmark = pytest.mark.multiprocess
+
+FSDP2 = ParallelConfig(strategy="fsdp", nproc=2)
+
+
+def worst(a, b):
+    assert set(a) == set(b)
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory):
+    """An FSDP run whose rank 1 was killed (SIGKILL) at step 2 of 3: the checkpoint of step 1 is left."""
+    job = tmp_path_factory.mktemp("killed")
+    with pytest.raises(ParallelError, match="none reported an error, so one was killed"):
+        run_job(job, "checkpoint_job", FSDP2, kill=2)
+    assert (job / "ckpt" / "dcp").is_dir() and not (job / "final.safetensors").exists()
+    saved = shutil.copytree(job / "ckpt", job.parent / "killed-ckpt")
+    return job, saved
+
+
+def test_a_killed_run_resumes_to_the_uninterrupted_parameters(killed, tmp_path):
+    job, _ = killed
+    run_job(job, "checkpoint_job", FSDP2)  # the same job again: it resumes from step 1
+    uninterrupted = run_job(tmp_path, "checkpoint_job", FSDP2)
+    assert worst(load_file(str(job / "final.safetensors")), load_file(str(uninterrupted / "final.safetensors"))) <= 1e-6
+
+
+def test_one_process_resumes_a_two_process_checkpoint(killed, tmp_path):
+    ckpt = shutil.copytree(killed[1], tmp_path / "ckpt")
+    resumed = S.run_classifier(checkpoint_dir=ckpt, checkpoint_every=1)
+    assert worst(resumed, S.run_classifier()) <= 1e-5
+    assert not (ckpt / "dcp").exists()  # rewritten in the one-process layout
+
+
+def test_two_processes_resume_a_one_process_checkpoint(tmp_path):
+    def crash(step, _model):
+        if step == 2:
+            raise KeyboardInterrupt  # stands for a crash after the checkpoint of step 1
+
+    with pytest.raises(KeyboardInterrupt):
+        S.run_classifier(checkpoint_dir=tmp_path / "ckpt", checkpoint_every=1, on_step=crash)
+    assert (tmp_path / "ckpt" / "state.safetensors").is_file()
+    run_job(tmp_path, "checkpoint_job", FSDP2)
+    assert worst(load_file(str(tmp_path / "final.safetensors")), S.run_classifier()) <= 1e-5
+
+
+def test_a_checkpoint_of_another_model_is_refused(killed, tmp_path):
+    ckpt = shutil.copytree(killed[1], tmp_path / "ckpt")
+    with pytest.raises(SlimkitError, match="holds another model"):
+        S.run_classifier(checkpoint_dir=ckpt, checkpoint_every=1, width=16)
