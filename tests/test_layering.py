@@ -17,7 +17,8 @@ UPPER = ["slimkit.stages", "slimkit.serialize", "slimkit.recipe", "slimkit.runne
 # Below the stages, only these may import them: each loads a saved model (replaying its
 # recorded stages) and nothing registered imports it.
 LOADERS = {"slimkit.measure.serve": "the serving process's entry point",
-           "slimkit.memory.shared_weights": "load_shared maps a saved folder's weights"}
+           "slimkit.memory.shared_weights": "load_shared maps a saved folder's weights",
+           "slimkit.parallel.stage_job": "parallel workers load the model they train and save it trained"}
 # Core primitives: what every technique stands on.
 CORE = ["slimkit.config", "slimkit.errors", "slimkit.registry", "slimkit.layers", "slimkit.zoo.loaded",
         "slimkit.zoo.models", "slimkit.quantize.api"]

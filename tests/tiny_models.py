@@ -216,6 +216,26 @@ def tiny_classifier() -> tuple[nn.Module, tuple[torch.Tensor]]:
     return TinyClassifier(), (torch.zeros(1, 3, 16, 16),)
 
 
+class PlainCNN(nn.Module):
+    """Convolutions, ReLU, pooling and a Linear head, without batch norm: a batch split
+    across data-parallel processes computes exactly what the whole batch does."""
+
+    def __init__(self, classes: int = 7):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1),
+                                      nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.classifier = nn.Linear(16, classes)
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+def plain_cnn() -> tuple[nn.Module, tuple[torch.Tensor]]:
+    """A seeded :class:`PlainCNN` with 7 outputs."""
+    torch.manual_seed(0)
+    return PlainCNN(), (torch.zeros(1, 3, 16, 16),)
+
+
 def write_image_folder(root, classes: int = 3, train: int = 40, test: int = 12, side: int = 12, seed: int = 0):
     """``root/{train,test}/<class>/*.png``: grey images whose class is where a bright bar is
     (top, middle, bottom ...), with noise, so a tiny CNN learns them in a few steps."""

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from slimkit.config import SlimConfig, format_validation_error
 from slimkit.errors import ConfigError
+from slimkit.parallel.config import ParallelConfig
 from slimkit.stages import config_class, kinds, methods
 
 RECIPE_VERSION = 1
@@ -89,6 +90,8 @@ class RecipeSpec(_Strict):
     stages: list[Any] = Field(min_length=1)
     compare: list[VariantSpec] = Field(default_factory=list)
     measure: MeasureSpec = Field(default_factory=MeasureSpec)
+    # How the train and distill stages run: one process, or workers under a strategy.
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     output: str | None = None
 
 
@@ -138,6 +141,11 @@ class Recipe:
                     problems.append(f"compare[{i}].name: {v.get('name')!r} is used twice (fp32 is the baseline); give each variant its own name")
                 names.add(v.get("name"))
                 compare.append((v.get("name"), parse_stages(v.get("stages") or [], f"compare[{i}].stages", problems)))
+        if spec is not None and spec.parallel.distributed:
+            training = [c for c in prepare + stages + [c for _, cs in compare for c in cs] if c.kind in ("train", "distill")]
+            if not training:
+                problems.append(f"parallel.strategy: {spec.parallel.strategy} runs train and distill stages, and the "
+                                "recipe has none; remove the parallel section or add a training stage")
         if problems:
             raise ConfigError(problems)
         models = {v.name: v.model for v in spec.compare if v.model}

@@ -27,6 +27,7 @@ from slimkit.measure.memory import peak_rss
 from slimkit.measure.runners import make_runner
 from slimkit.measure.workload import Workload
 from slimkit.measure.workloads import workload_for
+from slimkit.parallel.config import ParallelConfig
 from slimkit.prune.api import prune_
 from slimkit.quantize.api import quantize_, record_transform, transforms_of
 from slimkit.recipe import Recipe
@@ -93,6 +94,10 @@ class StageContext:
         memo: results of earlier variants' training and pruning, by the stages that made them.
         examples: calibration examples given directly, instead of drawn from ``workload``.
         batch_sizes: the batch sizes the run measures (an arena stage plans for them).
+        parallel: how train and distill stages run: in this process, or in worker
+            processes under a strategy of :mod:`slimkit.parallel`.
+        task: the recipe's task (as JSON), from which parallel workers build their data.
+        seq_len: the text length of the task's inputs.
     """
 
     workload: Workload | None = None
@@ -104,6 +109,9 @@ class StageContext:
     memo: dict[str, tuple] = field(default_factory=dict)
     examples: list[Any] | None = None
     batch_sizes: list[int] = field(default_factory=list)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    task: dict[str, Any] | None = None
+    seq_len: int = 128
 
     def calibration_for(self, framework: str) -> list[Any] | None:
         """Calibration examples in the form a ``framework`` (``onnx`` or ``torch``) model takes them."""
@@ -163,6 +171,18 @@ def apply_stages(model: LoadedModel, configs: list[SlimConfig], workdir: Path, c
             if "batch_buckets" not in cfg.model_fields_set and context.batch_sizes:
                 cfg = cfg.model_copy(update={"batch_buckets": sorted(set(context.batch_sizes))})
             record_transform(current.module, cfg, [])
+        elif cfg.kind in ("train", "distill") and context.parallel.distributed:
+            if context.task is None:
+                raise ConfigError(f"{cfg.kind}: parallel workers build the task's data; run the stage in a recipe")
+            from slimkit.parallel.stage_job import train_in_workers
+
+            current, record = train_in_workers(cfg, current, workdir / f"stage{i}.job", context.parallel,
+                                               task=context.task, seq_len=context.seq_len, checkpoint_dir=folder,
+                                               progress=context.progress, baseline=context.baseline, original=model)
+            record_transform(current.module, cfg, [])
+            architecture = current
+            if training is not None:
+                training.append({"stage": i, **record})
         elif cfg.kind == "distill":
             from slimkit.distill.stage import run_distill_stage
 
@@ -300,7 +320,8 @@ def run(recipe: Recipe, output: str | Path | None = None, progress: bool = True)
         bar.advance(step)
         all_stages = recipe.prepare + recipe.stages + [c for _, cs in recipe.compare for c in cs]
         wanted = [getattr(c, "calibration_samples", 0) or getattr(c, "calibration_batches", 0) for c in all_stages]
-        context = StageContext(workload, max([128, *wanted]), None, device, progress, batch_sizes=list(m.batch_sizes))
+        context = StageContext(workload, max([128, *wanted]), None, device, progress, batch_sizes=list(m.batch_sizes),
+                               parallel=spec.parallel, task=spec.task.model_dump(mode="json"), seq_len=m.seq_len)
 
         step = bar.add_task("prepare the baseline", total=1)
         training: list[dict[str, Any]] = []

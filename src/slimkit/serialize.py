@@ -93,15 +93,7 @@ def load(folder: str | Path) -> LoadedModel | OnnxModel:
         m = OnnxModel(folder / meta["weights"], meta["spec"], tokenizer, meta.get("max_seq_len"), folder)
         m._slimkit_transforms = meta["transforms"]
         return m
-    model = build_from_spec(meta["spec"], tok_dir)
-    with torch.no_grad():
-        for p in model.module.parameters():
-            p.zero_()
-    for t in meta["transforms"]:
-        config = config_from_dict(t["config"])
-        if t["layers"]:
-            handler_for(config)(model.module, config.replay_on(t["layers"]))
-    object.__setattr__(model.module, TRANSFORMS_ATTR, list(meta["transforms"]))
+    model = architecture(meta["spec"], meta["transforms"], tok_dir)
     try:
         load_safetensors(model.module, str(folder / meta["weights"]), strict=True)
     except (SafetensorError, RuntimeError, OSError) as e:
@@ -110,6 +102,21 @@ def load(folder: str | Path) -> LoadedModel | OnnxModel:
             "the file is corrupt or does not match slimkit.json"
         ) from None
     model.module.eval()
+    return model
+
+
+def architecture(spec: dict[str, Any], transforms: list[dict[str, Any]], tokenizer_dir: Path | None = None) -> LoadedModel:
+    """The model ``spec`` describes with ``transforms`` replayed on it (the module types and
+    shapes of the saved model), its weights zero: ready for a state dict."""
+    model = build_from_spec(spec, tokenizer_dir)
+    with torch.no_grad():
+        for p in model.module.parameters():
+            p.zero_()
+    for t in transforms:
+        config = config_from_dict(t["config"])
+        if t["layers"]:
+            handler_for(config)(model.module, config.replay_on(t["layers"]))
+    object.__setattr__(model.module, TRANSFORMS_ATTR, list(transforms))
     return model
 
 

@@ -10,6 +10,7 @@ from torch import nn
 
 from slimkit.distill.config import DistillConfig
 from slimkit.distill.trainer import DistillData, Distiller, DistillResult
+from slimkit.parallel.strategy import Single
 
 
 def distill(
@@ -22,6 +23,7 @@ def distill(
     device: str | torch.device | None = None,
     progress: bool = True,
     on_step: Callable[[int, nn.Module], None] | None = None,
+    strategy: Single | None = None,
 ) -> DistillResult:
     """Train ``student`` (in place) to match the frozen ``teacher`` on ``data``.
 
@@ -42,6 +44,8 @@ def distill(
         on_step: ``(step, student) -> None``, called after each optimizer step (``step``
             counts steps done, from 1), before evaluation and checkpointing; e.g. a
             :class:`slimkit.prune.magnitude.GradualPruner` raising the sparsity on schedule.
+        strategy: how this process takes part in parallel training (a strategy of
+            :mod:`slimkit.parallel`, in a worker it launched); one process by default.
 
     Returns:
         The losses per step, the evaluations, the best one and whether it stopped early.
@@ -53,4 +57,5 @@ def distill(
         DataError: empty data, or labels missing for a hard-label term.
         NonFiniteLoss: the loss became NaN or inf (the last checkpoint is kept).
     """
-    return Distiller(teacher, student, data, config, evaluate, checkpoint_dir, device, progress, on_step).run()
+    return Distiller(teacher, student, data, config, evaluate, checkpoint_dir, device, progress, on_step,
+                     strategy).run()

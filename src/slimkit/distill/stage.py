@@ -172,7 +172,8 @@ def run_distill_stage(current: LoadedModel, config: DistillStageConfig, train_te
                       checkpoint_dir: Path | None = None, device: str | torch.device = "cpu",
                       progress: bool = True, original: LoadedModel | None = None,
                       train_labels: Sequence[int] | None = None,
-                      load: Callable[[str], LoadedModel] = load_model) -> tuple[LoadedModel, dict[str, Any]]:
+                      load: Callable[[str], LoadedModel] = load_model,
+                      strategy: Any = None) -> tuple[LoadedModel, dict[str, Any]]:
     """Build the student, distil the teacher into it, and return it with a training record.
 
     Args:
@@ -186,6 +187,7 @@ def run_distill_stage(current: LoadedModel, config: DistillStageConfig, train_te
             evaluation also reports the task metric ``val_accuracy``. Ignored when the
             stage reads a text file.
         load: loads a ``student.model`` source (see :func:`build_student`).
+        strategy: this process's part in parallel training (:mod:`slimkit.parallel`).
 
     Returns:
         The student, and ``{"steps", "seconds", "history", "evals", "best", "before",
@@ -251,7 +253,7 @@ def run_distill_stage(current: LoadedModel, config: DistillStageConfig, train_te
     data = text_data(teacher.tokenizer, train, config.max_len)
     started = time.perf_counter()
     result = distill(teacher.module, student.module, data, config.training_config(), evaluate=evaluate,
-                     checkpoint_dir=checkpoint_dir, device=device, progress=progress)
+                     checkpoint_dir=checkpoint_dir, device=device, progress=progress, strategy=strategy)
     record = {
         "student": config.student.model_dump(mode="json"),
         "train_texts": len(train), "validation_texts": len(val),

@@ -10,6 +10,7 @@ from torch import nn
 
 from slimkit.distill.trainer import DistillData, Distiller, DistillResult
 from slimkit.errors import ConfigError
+from slimkit.parallel.strategy import Single
 from slimkit.train.config import TrainConfig
 
 
@@ -22,6 +23,7 @@ def train_(
     checkpoint_dir: str | Path | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
+    strategy: Single | None = None,
 ) -> DistillResult:
     """Train ``model`` in place on labelled ``data`` as ``config`` says.
 
@@ -37,6 +39,8 @@ def train_(
         checkpoint_dir: resumable checkpoints; a rerun resumes from them.
         device: defaults to CUDA when available.
         progress: draw a progress bar.
+        strategy: how this process takes part in parallel training (see
+            :mod:`slimkit.parallel`); one process by default.
 
     Returns:
         The per-step losses, the evaluations and the best one.
@@ -51,4 +55,4 @@ def train_(
         raise ConfigError("patience (early stopping) needs an evaluation on held-out data: pass evaluate=..., "
                           "or set patience: null")
     return Distiller(teacher if config.teacher == "baseline" else None, model, data, config.training_config(),
-                     evaluate, checkpoint_dir, device, progress).run()
+                     evaluate, checkpoint_dir, device, progress, strategy=strategy).run()

@@ -23,7 +23,7 @@ from slimkit.train.head import HeadConfig, classifier_layer, replace_head_
 
 def run_train_stage(current: Any, config: TrainConfig, workload: Any, checkpoint_dir: Path | None = None,
                     device: str | torch.device = "cpu", progress: bool = True,
-                    baseline: Any = None) -> dict[str, Any]:
+                    baseline: Any = None, strategy: Any = None) -> dict[str, Any]:
     """Train ``current`` (a :class:`slimkit.zoo.models.LoadedModel`) in place on ``workload``'s train split.
 
     Args:
@@ -32,6 +32,7 @@ def run_train_stage(current: Any, config: TrainConfig, workload: Any, checkpoint
         workload: an image workload (:class:`slimkit.measure.image_workload.ImageWorkload`).
         checkpoint_dir: resumable checkpoints; a rerun of the recipe resumes from them.
         baseline: the run's baseline model, the teacher of ``teacher: baseline``.
+        strategy: this process's part in parallel training (:mod:`slimkit.parallel`).
 
     Returns:
         The training record for the run folder and report.
@@ -77,7 +78,7 @@ def run_train_stage(current: Any, config: TrainConfig, workload: Any, checkpoint
     started = time.perf_counter()
     try:
         result = train_(module, config, workload.training_data(tx, ty), evaluate, teacher, checkpoint_dir,
-                        device, progress)
+                        device, progress, strategy)
     finally:
         # safetensors stores contiguous tensors; the saved model has the standard layout.
         module.to(memory_format=torch.contiguous_format)

@@ -13,7 +13,7 @@ from slimkit.memory.checkpoint.blocks import resolve_blocks
 from slimkit.memory.checkpoint.config import CheckpointConfig
 from slimkit.memory.checkpoint.planner import CheckpointPlan, plan_checkpointing
 from slimkit.memory.checkpoint.steps import Batch, LossFn
-from slimkit.memory.checkpoint.wrap import _CheckpointedForward, _unwrap, _wrap
+from slimkit.memory.checkpoint.wrap import _AutocastForward, _CheckpointedForward, _unwrap, _wrap
 
 
 @dataclass
@@ -79,3 +79,22 @@ def remove_checkpointing_(model: nn.Module) -> None:
 def checkpointed_blocks(model: nn.Module) -> list[str]:
     """Qualified names of the blocks of ``model`` that :func:`checkpoint_` wrapped."""
     return [n for n, m in model.named_modules() if isinstance(m.__dict__.get("forward"), _CheckpointedForward)]
+
+
+def checkpointing_of(model: nn.Module) -> dict[str, object] | None:
+    """What :func:`checkpoint_` did to ``model`` (``blocks``, ``autocast``, ``policy``), as
+    JSON, or None: another process rebuilds it with :func:`reapply_checkpointing_`."""
+    blocks = [(n, m.__dict__["forward"]) for n, m in model.named_modules()
+              if isinstance(m.__dict__.get("forward"), _CheckpointedForward)]
+    autocast = "bf16" if isinstance(model.__dict__.get("forward"), _AutocastForward) else "none"
+    if not blocks and autocast == "none":
+        return None
+    policy = blocks[0][1].policy if blocks else "full"
+    return {"blocks": [n for n, _ in blocks], "autocast": autocast, "policy": policy}
+
+
+def reapply_checkpointing_(model: nn.Module, state: dict[str, object] | None) -> None:
+    """Checkpoint ``model`` as :func:`checkpointing_of` described another copy of it."""
+    if state:
+        _unwrap(model)
+        _wrap(model, list(state["blocks"]), str(state["autocast"]), str(state["policy"]))
