@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 from tiny_models import write_image_folder
 
 from slimkit import serialize
