@@ -158,3 +158,13 @@ def checkpoint_job(strategy, job_dir: Path, kill: int | None = None) -> None:
     found = run_classifier(strategy, checkpoint_dir=job_dir / "ckpt", checkpoint_every=1,
                            on_step=kill_at(kill) if kill else None)
     _write(strategy, job_dir, "final", found)
+
+
+def crash_job(strategy, job_dir: Path) -> None:
+    """Rank 1 fails at step 2 while rank 0 goes on into the next collective."""
+    from slimkit.errors import DataError
+
+    def fail(step, _model):
+        if step == 2 and strategy.rank == 1:
+            raise DataError("a bad batch on rank 1")
+    run_classifier(strategy, on_step=fail)

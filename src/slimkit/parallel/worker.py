@@ -57,7 +57,6 @@ def main(job_dir: str) -> int:
         strategy = make_strategy(world, config)
         resolve(job["target"])(strategy, folder, **job["args"])
         strategy.barrier()
-        return 0
     except BaseException as e:  # noqa: BLE001 - reported to the parent, then the process exits non-zero
         if isinstance(e, KeyboardInterrupt):
             raise
@@ -65,9 +64,13 @@ def main(job_dir: str) -> int:
         write_json(folder / ERROR.format(rank=rank if rank >= 0 else "unknown"),
                    {"rank": rank, "type": type(e).__name__, "message": message, "traceback": traceback.format_exc()})
         traceback.print_exc()
-        return 1
-    finally:
-        leave()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Out at once: tearing the process group down would wait for peers that are
+        # waiting in a collective for this process. torchrun sees the exit and stops them.
+        os._exit(1)
+    leave()
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,70 @@
+"""Bad parallel settings are refused by name, and a failing process stops the job with its
+message instead of leaving the others waiting."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+import scenarios as S
+import torch
+from conftest import run_job
+from pydantic import ValidationError
+
+from slimkit.errors import ConfigError
+from slimkit.parallel.config import ParallelConfig
+from slimkit.parallel.distributed import Distributed
+from slimkit.parallel.launch import ParallelError, launch
+from slimkit.parallel.tensor import tensor_plan
+from slimkit.parallel.world import World
+
+
+def test_a_crashing_process_stops_the_job_with_its_message(tmp_path):
+    started = time.monotonic()
+    with pytest.raises(ParallelError, match=r"ddp on 2 processes: rank 1 failed: a bad batch on rank 1"):
+        run_job(tmp_path, "crash_job", ParallelConfig(strategy="ddp", nproc=2, timeout_seconds=60))
+    assert time.monotonic() - started < 60  # stopped, not left to time out
+
+
+def test_a_port_in_use_is_refused_before_anything_starts(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"port {port} is already in use"):
+            launch(tmp_path, "scenarios.py:crash_job", ParallelConfig(strategy="ddp", nproc=2, port=port))
+    assert not (tmp_path / "job.json").exists()
+
+
+def test_more_processes_than_a_batch_splits_into_are_refused():
+    strategy = Distributed(World(0, 8, 0, torch.device("cpu"), "gloo"), ParallelConfig(strategy="ddp", nproc=8))
+    with pytest.raises(ConfigError, match="batch_size: 7 examples per micro-batch cannot be split across 8"):
+        strategy.check_batch(7, 40)
+
+
+def test_tensor_parallel_names_the_block_without_layers_it_splits():
+    with pytest.raises(ConfigError, match=r"block 'layers.0' has none of the layers tensor parallel splits "
+                                          r"\(its Linear layers: 0\)"):
+        tensor_plan(S.Classifier(), 2)
+
+
+def test_tensor_parallel_degree_must_divide_every_layers_heads():
+    with pytest.raises(ConfigError) as err:
+        tensor_plan(S.Encoder(heads=2), 4)
+    assert "backbone.encoder.layer.0.attention.self: 2 attention heads do not split across 4 processes" in str(err.value)
+    assert "backbone.encoder.layer.1.attention.self" in str(err.value)
+    assert len(tensor_plan(S.Encoder(heads=4), 4)) == 2
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"nproc": 2}, "nproc: 2 processes need a strategy"),
+    ({"strategy": "fsdp", "zero1": True}, "zero1 shards the optimizer state of ddp; fsdp shards it already"),
+    ({"strategy": "ddp", "mixed_precision": "bf16"}, "mixed_precision applies to fsdp"),
+    ({"strategy": "fsdp+tp", "nproc": 3}, "nproc: 3 processes do not split into groups of tp_degree 2"),
+    ({"strategy": "tp", "tp_degree": 2}, r"tp_degree applies to fsdp\+tp"),
+    ({"strategy": "pipeline"}, "strategy"),
+])
+def test_settings_that_do_not_fit_the_strategy_are_refused(fields, message):
+    with pytest.raises(ValidationError, match=message):
+        ParallelConfig(**fields)
