@@ -34,6 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     p_prof.add_argument("--top", type=int, default=10, help="largest live tensors to list (default 10)")
     p_prof.add_argument("--snapshot", metavar="PATH",
                         help="on CUDA, write the allocator's snapshot for PyTorch's memory viewer")
+    p_prof.add_argument("--devices", type=int, metavar="N",
+                        help="with --train: estimate each parallel strategy's memory on N devices and recommend one")
+    p_prof.add_argument("--device-memory", metavar="SIZE", help="memory of one device, e.g. 80GiB (with --devices)")
+    p_prof.add_argument("--batch", type=int, metavar="B",
+                        help="global batch for the estimates (default: the first training stage's batch_size x grad_accum)")
     args, extra = parser.parse_known_args(argv)
     # Overrides may also follow the options (`run R -o out a.b=1`), where argparse leaves them.
     unknown = [a for a in extra if a.startswith("-") or "=" not in a]
@@ -82,12 +87,46 @@ def _profile(recipe: Recipe, args: argparse.Namespace) -> None:
     result = profile(model.module.to(device), inputs, train=args.train, top_k=args.top,
                      snapshot=args.snapshot)
     print_profile(result, title=spec.name)
+    advice = _advise(recipe, args, model.module.to(device), inputs) if args.devices else None
     if args.json:
         named = inputs.items() if isinstance(inputs, dict) else (
             (f"input[{i}]", t) for i, t in enumerate(inputs))
         shapes = {k: list(v.shape) for k, v in named if isinstance(v, torch.Tensor)}
-        write_json(args.json, {"recipe": spec.name, "model": spec.model, "inputs": shapes, **result.to_dict()})
+        advised = {"advice": advice.to_dict()} if advice is not None else {}
+        write_json(args.json, {"recipe": spec.name, "model": spec.model, "inputs": shapes, **result.to_dict(), **advised})
         print(f"profile:    {args.json}")
+
+
+def _advise(recipe: Recipe, args: argparse.Namespace, module, inputs):
+    """Each strategy's memory per device for the recipe's training, from a measured step."""
+    from pydantic import ByteSize, TypeAdapter, ValidationError
+
+    from slimkit.errors import ConfigError
+    from slimkit.parallel.advisor import advise, render
+    from slimkit.parallel.footprint import measure_footprint
+
+    if not args.train:
+        raise ConfigError("--devices estimates training memory: add --train")
+    if args.devices < 1:
+        raise ConfigError(f"--devices {args.devices}: give a number of devices, 1 or more")
+    if not args.device_memory:
+        raise ConfigError("--devices needs --device-memory, the memory of one device (e.g. 80GiB)")
+    try:
+        memory = int(TypeAdapter(ByteSize).validate_python(args.device_memory))
+    except ValidationError:
+        raise ConfigError(f"--device-memory {args.device_memory!r}: write a size such as 16GB or 80GiB") from None
+    training = next((c for c in recipe.prepare + recipe.stages if c.kind in ("train", "distill")), None)
+    batch = args.batch or (training.batch_size * training.grad_accum if training is not None else None)
+    if batch is None:
+        raise ConfigError("the recipe has no train or distill stage to take the batch from; give --batch")
+    if batch < 1:
+        raise ConfigError(f"--batch {batch}: give a batch of 1 or more examples")
+    footprint = measure_footprint(module, inputs, examples=1, description=recipe.spec.model)
+    advice = advise(footprint, args.devices, memory, batch, optimizer=getattr(training, "optimizer", "adamw"),
+                    mixed_precision=recipe.spec.parallel.mixed_precision)
+    print()
+    print(render(advice))
+    return advice
 
 
 def _harness_inputs(recipe: Recipe, model: LoadedModel) -> dict | tuple:

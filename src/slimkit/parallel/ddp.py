@@ -69,7 +69,10 @@ class DataParallel(Distributed):
             # wrappers use it); find_unused_parameters would instead fail on the
             # projections, which the loss uses outside the forward.
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(holder, ignored)
-        self.ddp = DistributedDataParallel(holder, device_ids=[self.device] if self.device.type == "cuda" else None)
+        # Gradients live in DDP's communication buckets instead of beside them: one copy of
+        # the gradients per process, not two.
+        self.ddp = DistributedDataParallel(holder, device_ids=[self.device] if self.device.type == "cuda" else None,
+                                           gradient_as_bucket_view=True)
         return self.ddp
 
     def optimizer(self, factory: OptimizerFactory, params: list[nn.Parameter]) -> torch.optim.Optimizer:
