@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimkit.distill.attention import HEAD_COUNT_ATTRIBUTES
 from slimkit.errors import ConfigError
 from slimkit.memory.checkpoint.apply import checkpoint_, remove_checkpointing_
 from slimkit.memory.checkpoint.config import CheckpointConfig
@@ -26,14 +27,24 @@ def activation_peak(result: MemoryProfile) -> int:
                 if e.phase != "optimizer"), default=0)
 
 
-def _split_modules(model: nn.Module) -> list[str]:
-    """Prefixes of the modules whose outputs tensor parallel splits: each block's attention
-    (projections, scores, context) and the first MLP layer."""
+def _tensor_parallel_layers(model: nn.Module) -> tuple[int, tuple[int, ...], list[str]]:
+    """What tensor parallel would split: its parameter count, each block's heads, and the
+    prefixes of the modules whose outputs it splits (each block's attention, with its
+    projections, scores and context, and the first MLP layer)."""
     try:
         planned = tensor_plan(model, 1)
     except ConfigError:
-        return []
-    return [f"{block}.{name}" for block, (plan, _) in planned.items() for name in (plan["attention"], plan["mlp"][0])]
+        return 0, (), []
+    split, heads, prefixes = 0, [], []
+    for block, (plan, attention) in planned.items():
+        b = model.get_submodule(block)
+        # Column-wise layers split their weight and bias; row-wise ones only the weight.
+        column = [f"{plan['attention']}.{c}" for c in plan["qkv"]] + [plan["mlp"][0]]
+        split += sum(p.numel() for n in column for p in b.get_submodule(n).parameters())
+        split += sum(b.get_submodule(n).weight.numel() for n in (plan["out"], plan["mlp"][1]))
+        heads.append(next(getattr(attention, a) for a in HEAD_COUNT_ATTRIBUTES if isinstance(getattr(attention, a, None), int)))
+        prefixes += [f"{block}.{plan['attention']}", f"{block}.{plan['mlp'][0]}"]
+    return split, tuple(heads), prefixes
 
 
 def measure_footprint(model: nn.Module, inputs: Any, examples: int, loss_fn: Callable[[Any], torch.Tensor] | None = None,
@@ -44,20 +55,7 @@ def measure_footprint(model: nn.Module, inputs: Any, examples: int, loss_fn: Cal
     units = shard_units(model, "auto")
     largest = max((sum(p.numel() for p in model.get_submodule(u).parameters()) for u in units), default=0)
     rest = sum(p.numel() for p in params) - sum(sum(p.numel() for p in model.get_submodule(u).parameters()) for u in units)
-    split_prefixes = _split_modules(model)
-    split = 0
-    heads: tuple[int, ...] = ()
-    try:
-        planned = tensor_plan(model, 1)
-        for block, (plan, attention) in planned.items():
-            b = model.get_submodule(block)
-            # Column-wise layers split their weight and bias; row-wise ones only the weight.
-            column = [f"{plan['attention']}.{c}" for c in plan["qkv"]] + [plan["mlp"][0]]
-            split += sum(p.numel() for n in column for p in b.get_submodule(n).parameters())
-            split += sum(b.get_submodule(n).weight.numel() for n in (plan["out"], plan["mlp"][1]))
-        heads = tuple(getattr(a, "num_attention_heads", 0) or getattr(a, "n_heads", 0) for _, a in planned.values())
-    except ConfigError:
-        pass
+    split, heads, split_prefixes = _tensor_parallel_layers(model)
     plain = profile(model, inputs, train=True, loss_fn=loss_fn)
     acts = activation_peak(plain)
     live = {m.module: m.allocated_bytes for m in plain.modules}
