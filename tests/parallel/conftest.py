@@ -1,4 +1,4 @@
-"""Launching the scenarios of ``scenarios.py`` in torchrun workers."""
+"""Launching the jobs of :mod:`slimkit.parallel.selfcheck` in torchrun workers."""
 
 from __future__ import annotations
 
@@ -7,12 +7,8 @@ from pathlib import Path
 from slimkit.parallel.config import ParallelConfig
 from slimkit.parallel.launch import launch
 
-HERE = Path(__file__).resolve().parent
-SCENARIOS = HERE / "scenarios.py"
-
 
 def run_job(job_dir: Path, function: str, config: ParallelConfig, **args) -> Path:
-    """Run ``scenarios.py:function`` on ``config.nproc`` workers; the job folder."""
-    # The workers import the tests' tiny models (tests/ is not a package).
-    launch(job_dir, f"{SCENARIOS}:{function}", config, args, env={"PYTHONPATH": str(HERE.parent)})
+    """Run ``selfcheck.function`` on ``config.nproc`` workers; the job folder."""
+    launch(job_dir, f"slimkit.parallel.selfcheck:{function}", config, args)
     return job_dir

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-import scenarios as S
 
+from slimkit.parallel import selfcheck as S
 from slimkit.parallel.advisor import ModelFootprint, advise, render
 from slimkit.parallel.footprint import measure_footprint
 

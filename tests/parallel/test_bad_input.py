@@ -7,12 +7,12 @@ import socket
 import time
 
 import pytest
-import scenarios as S
 import torch
 from conftest import run_job
 from pydantic import ValidationError
 
 from slimkit.errors import ConfigError
+from slimkit.parallel import selfcheck as S
 from slimkit.parallel.config import ParallelConfig
 from slimkit.parallel.distributed import Distributed
 from slimkit.parallel.launch import ParallelError, launch
@@ -33,7 +33,7 @@ def test_a_port_in_use_is_refused_before_anything_starts(tmp_path):
         s.listen()
         port = s.getsockname()[1]
         with pytest.raises(ConfigError, match=f"port {port} is already in use"):
-            launch(tmp_path, "scenarios.py:crash_job", ParallelConfig(strategy="ddp", nproc=2, port=port))
+            launch(tmp_path, "slimkit.parallel.selfcheck:crash_job", ParallelConfig(strategy="ddp", nproc=2, port=port))
     assert not (tmp_path / "job.json").exists()
 
 

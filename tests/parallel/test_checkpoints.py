@@ -6,11 +6,11 @@ from __future__ import annotations
 import shutil
 
 import pytest
-import scenarios as S
 from conftest import run_job
 from safetensors.torch import load_file
 
 from slimkit.errors import SlimkitError
+from slimkit.parallel import selfcheck as S
 from slimkit.parallel.config import ParallelConfig
 from slimkit.parallel.launch import ParallelError
 

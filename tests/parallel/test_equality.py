@@ -3,12 +3,14 @@ same global batches: gradients and parameters after a few optimizer steps agree.
 
 from __future__ import annotations
 
+import json
+
 import pytest
-import scenarios as S
 import torch
 from conftest import run_job
 from safetensors.torch import load_file
 
+from slimkit.parallel import selfcheck as S
 from slimkit.parallel.config import ParallelConfig
 
 pytestmark = pytest.mark.multiprocess
@@ -52,3 +54,13 @@ def test_parameters_move(references):
 def test_fsdp_over_tensor_parallel_on_a_2x2_mesh(tmp_path, references):
     job = run_job(tmp_path, "four_process_job", ParallelConfig(strategy="fsdp+tp", nproc=4))
     assert worst(load_file(str(job / "fsdp_tp.safetensors")), references["text"]) <= 1e-5
+
+
+def test_fsdp_holds_about_half_the_training_state_per_process(two):
+    single = S.state_bytes(S.distill_text())
+    for rank in (0, 1):
+        per_rank = json.loads((two / f"state.fsdp.{rank}.json").read_text())
+        # Parameters, gradients and AdamW's moments, each sharded in two (with padding).
+        assert per_rank["total"] <= 0.55 * single["total"]
+        for part in ("parameters", "gradients", "optimizer_state"):
+            assert per_rank[part] < 0.6 * single[part], part

@@ -1,14 +1,19 @@
-"""Training runs shared by the multi-process tests and their one-process references.
+"""Proof that every strategy trains what one process trains, on this machine's processes.
 
 Each ``run_*`` trains a tiny seeded model a few optimizer steps through the one training
 loop under a given strategy and returns the full parameters and last gradients. The
-``*_job`` functions run in torchrun workers (``slimkit.parallel.launch``): several
+``*_job`` functions run in torchrun workers (:mod:`slimkit.parallel.launch`): several
 strategies per launch, since each launch costs seconds of start-up; the main process
-writes what they found to safetensors files in the job folder.
+writes what they found to safetensors files in the job folder. :func:`check` launches
+them and compares with one process: the test suite, the benchmark and a user checking a
+new cluster all run the same code::
+
+    python -m slimkit.parallel.selfcheck
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -18,9 +23,11 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from slimkit.atomic import write_json
 from slimkit.distill import DistillConfig, DistillData, LossTerm
 from slimkit.distill.trainer import Distiller
 from slimkit.parallel.config import ParallelConfig
+from slimkit.parallel.memory import training_state_bytes
 from slimkit.parallel.strategies import make_strategy
 
 STEPS = 3
@@ -102,12 +109,17 @@ def run_classifier(strategy=None, optimizer: str = "adamw", checkpoint_dir=None,
     return _found(student)
 
 
-def run_text(strategy=None, heads: int = 4) -> dict[str, torch.Tensor]:
+def distill_text(strategy=None, heads: int = 4) -> Distiller:
+    """The tiny BERT student distilled from a tiny BERT teacher; the finished loop."""
     teacher, student = Encoder(seed=5, heads=heads), Encoder(seed=0, heads=heads)
     d = Distiller(teacher, student, text_data(), text_config(), progress=False, strategy=strategy,
                   device="cpu" if strategy is None else None)
     d.run()
-    return _found(student)
+    return d
+
+
+def run_text(strategy=None, heads: int = 4) -> dict[str, torch.Tensor]:
+    return _found(distill_text(strategy, heads).student)
 
 
 def _found(student: nn.Module) -> dict[str, torch.Tensor]:
@@ -129,8 +141,14 @@ def _other(strategy, name: str, **kw):
     return make_strategy(strategy.world, ParallelConfig(strategy=name, nproc=strategy.size, **kw))
 
 
+def state_bytes(d: Distiller) -> dict[str, int]:
+    """What this process holds for the student's training: parameters, gradients, optimizer state."""
+    return training_state_bytes(d.trainable, d.opt)
+
+
 def two_process_job(strategy, job_dir: Path) -> None:
     """Every 2-process strategy on the tiny models, in one launch."""
+    write_json(job_dir / f"state.fsdp.{strategy.rank}.json", state_bytes(distill_text(_other(strategy, "fsdp"))))
     _write(strategy, job_dir, "ddp", run_classifier(strategy))
     _write(strategy, job_dir, "zero1", run_classifier(_other(strategy, "ddp", zero1=True)))
     _write(strategy, job_dir, "fsdp", run_classifier(_other(strategy, "fsdp")))
@@ -168,3 +186,74 @@ def crash_job(strategy, job_dir: Path) -> None:
         if step == 2 and strategy.rank == 1:
             raise DataError("a bad batch on rank 1")
     run_classifier(strategy, on_step=fail)
+
+
+def worst(found: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
+    """The largest absolute difference between two runs' parameters and gradients."""
+    if set(found) != set(reference):
+        raise AssertionError(f"the runs differ in what they hold: {sorted(set(found) ^ set(reference))[:4]}")
+    return max(float((found[k] - reference[k]).abs().max()) for k in reference)
+
+
+# Each check: (job, file it writes, one-process reference, tolerance).
+CHECKS = {
+    "ddp": ("two", "adamw", 1e-5), "zero1": ("two", "adamw", 1e-5), "fsdp": ("two", "adamw", 1e-5),
+    "fsdp_bf16": ("two", "sgd", 2e-3), "ddp_distill": ("two", "text", 1e-5), "tp": ("two", "text", 1e-5),
+    "fsdp_tp": ("four", "text", 1e-5),
+}
+
+
+def check(folder: Path, four: bool = True) -> dict[str, float]:
+    """Launch every check on this machine and compare with one process.
+
+    Returns the largest difference of each strategy (see :data:`CHECKS` for the
+    tolerances), ``resume`` (a run whose rank 1 was killed at step 2, resumed, against
+    an uninterrupted one) and ``fsdp_state_ratio`` (a process's parameters, gradients
+    and optimizer state under FSDP on 2 processes over one process's).
+    """
+    from safetensors.torch import load_file
+
+    from slimkit.parallel.launch import ParallelError, launch
+
+    def job(name: str, function: str, config: ParallelConfig, **args) -> Path:
+        launch(folder / name, f"{__name__}:{function}", config, args)
+        return folder / name
+
+    folders = {"two": job("two", "two_process_job", ParallelConfig(strategy="ddp", nproc=2))}
+    if four:
+        folders["four"] = job("four", "four_process_job", ParallelConfig(strategy="fsdp+tp", nproc=4))
+    references = {"adamw": run_classifier(), "sgd": run_classifier(optimizer="sgd"), "text": run_text()}
+    out = {name: worst(load_file(str(folders[where] / f"{name}.safetensors")), references[ref])
+           for name, (where, ref, _) in CHECKS.items() if where in folders}
+    fsdp = ParallelConfig(strategy="fsdp", nproc=2)
+    try:
+        job("killed", "checkpoint_job", fsdp, kill=2)
+    except ParallelError:
+        pass  # rank 1 was killed, as it should be
+    resumed = load_file(str(job("killed", "checkpoint_job", fsdp) / "final.safetensors"))
+    uninterrupted = load_file(str(job("uninterrupted", "checkpoint_job", fsdp) / "final.safetensors"))
+    out["resume"] = worst(resumed, uninterrupted)
+    single = state_bytes(distill_text())["total"]
+    per_rank = [json.loads((folders["two"] / f"state.fsdp.{r}.json").read_text())["total"] for r in (0, 1)]
+    out["fsdp_state_ratio"] = max(per_rank) / single
+    return out
+
+
+def main() -> int:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        found = check(Path(tmp))
+    bad = {k: v for k, v in found.items() if k in CHECKS and v > CHECKS[k][2]}
+    for k, v in found.items():
+        limit = f" (<= {CHECKS[k][2]:g})" if k in CHECKS else ""
+        print(f"{k:<18} {v:.3g}{limit}")
+    if bad or found["resume"] > 1e-6 or found["fsdp_state_ratio"] > 0.55:
+        print("parallel self-check: FAILED")
+        return 1
+    print("parallel self-check: every strategy trains what one process trains")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
