@@ -6,6 +6,7 @@ from slimkit.parallel.config import ParallelConfig
 from slimkit.parallel.ddp import DataParallel
 from slimkit.parallel.distributed import Distributed
 from slimkit.parallel.fsdp import Sharded
+from slimkit.parallel.strategy import Single
 from slimkit.parallel.tensor import ShardedTensorParallel, TensorParallel
 from slimkit.parallel.world import World
 
@@ -17,6 +18,9 @@ STRATEGY_CLASSES: dict[str, type[Distributed]] = {
 }
 
 
-def make_strategy(world: World, config: ParallelConfig) -> Distributed:
-    """The strategy ``config`` names, for this process of ``world``."""
+def make_strategy(world: World, config: ParallelConfig) -> Single:
+    """The strategy ``config`` names, for this process of ``world`` (``none``: the process
+    trains alone, as one started by torchrun with one process does)."""
+    if config.strategy == "none":
+        return Single(world.device)
     return STRATEGY_CLASSES[config.strategy](world, config)
