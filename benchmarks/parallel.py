@@ -112,6 +112,33 @@ def measure_strategies(folder: Path, shape: dict, batch: int, seq_len: int, step
     return rows
 
 
+def on_paper() -> dict:
+    """The advisor's estimates for targets this machine is not: BERT-large and a
+    1B-parameter transformer on 8 x 80 GB GPUs (formula footprints), and MobileNetV2 at
+    224x224 on a 16 GB edge GPU (its footprint measured here on a training step)."""
+    from slimkit.parallel.advisor import render
+    from slimkit.parallel.footprint import measure_footprint
+    from slimkit.zoo import load_model
+
+    bert_large = ModelFootprint.transformer(24, 1024, 16, 4096, seq_len=512, description="BERT-large, 512 tokens")
+    bert_large_bf16 = ModelFootprint.transformer(24, 1024, 16, 4096, seq_len=512, activation_bytes=2,
+                                                 description="BERT-large, 512 tokens, bf16 activations")
+    one_b = ModelFootprint.transformer(24, 2048, 16, 8192, vocab=50304, seq_len=2048, positions=2048,
+                                       activation_bytes=2, description="1.3B-parameter transformer, 2048 tokens, bf16")
+    mnv2 = load_model("mobilenet-v2").module.train()
+    measured = measure_footprint(mnv2, torch.randn(1, 3, 224, 224), examples=1,
+                                 description="MobileNetV2, 224x224 (measured on this machine)")
+    cases = {
+        "bert_large_8x80GB_batch256_fp32": advise(bert_large, 8, 80e9, 256),
+        "bert_large_8x80GB_batch256_bf16": advise(bert_large_bf16, 8, 80e9, 256, mixed_precision="bf16"),
+        "transformer_1.3B_8x80GB_batch64_bf16": advise(one_b, 8, 80e9, 64, mixed_precision="bf16"),
+        "transformer_1.3B_8x80GB_batch512_bf16": advise(one_b, 8, 80e9, 512, mixed_precision="bf16"),
+        "mobilenetv2_224_1x16GB_batch256": advise(measured, 1, 16e9, 256),
+        "mobilenetv2_224_1x16GB_batch512": advise(measured, 1, 16e9, 512),
+    }
+    return {name: {**a.to_dict(), "text": render(a)} for name, a in cases.items()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
@@ -142,7 +169,8 @@ def main() -> int:
                 target("fsdp_2_ranks_state_vs_one_process_bert_base", fsdp_ratio, "<=", 0.55, "x")]
     body = {"quick": args.quick, "model": {**shape, "parameters": footprint_params, "seq_len": seq_len,
                                            "global_batch": batch, "optimizer": "adamw"},
-            "equality": checks, "strategies": rows, "advisor_state_validation": validation}
+            "equality": checks, "strategies": rows, "advisor_state_validation": validation,
+            "advisor_on_paper": on_paper()}
     write_result(NAME, torch.get_num_threads(), "cpu", body, targets, args.out)
     return 0
 

@@ -141,7 +141,6 @@ def _estimate(fp: ModelFootprint, strategy: str, checkpointing: bool, devices: i
     dp = devices // tp
     per_device = math.ceil(batch / dp)
     acts = fp.checkpointed_per_example if checkpointing else fp.activations_per_example
-    act_scale = 0.5 if bf16 and "fsdp" in strategy else 1.0  # bf16 compute keeps bf16 activations
     tp_factor = 1 - fp.split_activation_share * (1 - 1 / tp)
     terms: dict[str, float] = {}
     math_: dict[str, str] = {}
@@ -167,9 +166,8 @@ def _estimate(fp: ModelFootprint, strategy: str, checkpointing: bool, devices: i
         math_["sharded_state"] = f"{state} B x ({fp.split:,} / {devices} + {rest:,} / {dp})"
         terms["gathered"] = (2 * g + 4) * U / tp
         math_["gathered"] = f"(2 x {g} B + 4 B) x {U:,} / {tp}"
-    terms["activations"] = acts * per_device * act_scale * tp_factor
+    terms["activations"] = acts * per_device * tp_factor
     math_["activations"] = (f"{format_bytes(acts)} x {per_device} example(s)"
-                            + (" x 0.5 (bf16)" if act_scale != 1 else "")
                             + (f" x {tp_factor:.3f} (split share / {tp})" if tp > 1 else ""))
     total = sum(terms.values())
     refused = None
@@ -196,7 +194,9 @@ def advise(footprint: ModelFootprint, devices: int, device_memory: float, batch:
         device_memory: bytes per device.
         batch: the global batch (examples per optimizer step, over all devices).
         optimizer: ``adamw`` or ``sgd``.
-        mixed_precision: ``bf16`` gathers FSDP parameters and keeps activations in bf16.
+        mixed_precision: ``bf16`` gathers FSDP parameters in bf16. Activations are the
+            footprint's own: measured as profiled, or in the formula's
+            ``activation_bytes`` (2 for bf16 training).
         tp_degree: the tensor-parallel degree of ``fsdp+tp`` (default: 2, or the largest
             power of two dividing the devices up to 8).
         headroom: the share of memory left for the allocator and the runtime.
