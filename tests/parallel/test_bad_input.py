@@ -68,3 +68,12 @@ def test_tensor_parallel_degree_must_divide_every_layers_heads():
 def test_settings_that_do_not_fit_the_strategy_are_refused(fields, message):
     with pytest.raises(ValidationError, match=message):
         ParallelConfig(**fields)
+
+
+def test_a_process_without_examples_computes_one_with_weight_zero():
+    ranks = [Distributed(World(r, 4, r, torch.device("cpu"), "gloo"), ParallelConfig(strategy="ddp", nproc=4))
+             for r in range(4)]
+    shares = [s.shard(torch.tensor([5, 6, 7])) for s in ranks]
+    assert [(t.tolist(), w) for t, w in shares] == [([5], 4 / 3), ([6], 4 / 3), ([7], 4 / 3), ([5], 0.0)]
+    # Weighted, the processes' mean losses average to the micro-batch's mean loss.
+    assert sum(w for _, w in shares) / 4 == 1.0

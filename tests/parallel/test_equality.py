@@ -23,7 +23,8 @@ def two(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def references():
-    return {"adamw": S.run_classifier(), "sgd": S.run_classifier(optimizer="sgd"), "text": S.run_text()}
+    return {"adamw": S.run_classifier(), "sgd": S.run_classifier(optimizer="sgd"), "text": S.run_text(),
+            "tail": S.run_classifier(examples=15, grad_accum=1)}
 
 
 def worst(found: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
@@ -33,6 +34,7 @@ def worst(found: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) ->
 
 @pytest.mark.parametrize(("name", "reference", "tolerance"), [
     ("ddp", "adamw", 1e-5),          # 7 examples per micro-batch split 4 + 3, 2 micro-batches, clipping
+    ("ddp_tail", "tail", 1e-5),      # a last micro-batch of one example: rank 1 computes it with weight 0
     ("zero1", "adamw", 1e-5),
     ("fsdp", "adamw", 1e-5),
     ("fsdp_bf16", "sgd", 2e-3),      # bf16 parameters and compute, fp32 reduction and optimizer

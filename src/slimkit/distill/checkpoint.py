@@ -142,12 +142,12 @@ def _save_sharded(folder: Path, trainable: torch.nn.Module, opt: torch.optim.Opt
 
     if strategy.main:
         with atomic_dir(folder) as tmp:
-            strategy.share(str(tmp))
+            strategy.from_main(str(tmp))
             _carry_over(folder, tmp)
             write_parts(tmp)
             (tmp / META).write_text(json.dumps({"loop": loop, "optimizer": opt_meta, "processes": strategy.size}, indent=1))
     else:
-        write_parts(Path(strategy.share(None)))
+        write_parts(Path(strategy.from_main(None)))
     strategy.barrier()  # the folder is in place before anyone reads or replaces it
 
 

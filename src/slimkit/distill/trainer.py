@@ -246,6 +246,8 @@ class Distiller:
                     self.teacher_cache = self._disk_cache()
         torch.manual_seed(config.seed)  # initialises the projections
         self.projections = self._check_shapes()
+        # The loss runs the student through this; the strategy's probe of the loss (to see
+        # which parameters it reaches) runs before the wrapper exists.
         self._student_call: Callable[..., Any] = self.student
         self._student_call = self.strategy.wrap(self.student, self.projections, self._probe_loss)
         self.trainable = nn.ModuleDict({"student": self.student, "projections": self.projections})
@@ -528,8 +530,7 @@ class Distiller:
             idx = batches[(in_epoch * c.grad_accum + k) % len(batches)]
             # This process's share of the micro-batch, weighted so that the gradients the
             # strategy averages are those of the whole micro-batch's mean loss.
-            local = self.strategy.shard(idx)
-            weight = self.strategy.loss_weight(len(local), len(idx))
+            local, weight = self.strategy.shard(idx)
             inputs, labels = self.data.batch(local, self.device)
             with self.strategy.accumulating(last=k == c.grad_accum - 1):
                 with ExitStack() as stack:

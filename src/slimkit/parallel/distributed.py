@@ -47,9 +47,9 @@ class Distributed(Single):
     def agree(self, compute: Callable[[], Any]) -> Any:
         if self.evaluate_everywhere:
             return compute()
-        return self.share(compute() if self.main else None)
+        return self.from_main(compute() if self.main else None)
 
-    def share(self, value: Any) -> Any:
+    def from_main(self, value: Any) -> Any:
         box = [value if self.main else None]
         dist.broadcast_object_list(box, src=0, device=self._comm_device)
         return box[0]

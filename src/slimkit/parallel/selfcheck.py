@@ -85,8 +85,8 @@ def text_data(n: int = 24) -> DistillData:
 
 
 def classifier_config(optimizer: str = "adamw", **kw) -> DistillConfig:
-    return DistillConfig(losses=[LossTerm(kind="hard_ce")], optimizer=optimizer, lr=1e-2, max_steps=STEPS,
-                         batch_size=7, grad_accum=2, max_grad_norm=1.0, **kw)
+    settings = {"lr": 1e-2, "max_steps": STEPS, "batch_size": 7, "grad_accum": 2, "max_grad_norm": 1.0, **kw}
+    return DistillConfig(losses=[LossTerm(kind="hard_ce")], optimizer=optimizer, **settings)
 
 
 def text_config(**kw) -> DistillConfig:
@@ -100,9 +100,9 @@ def full(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def run_classifier(strategy=None, optimizer: str = "adamw", checkpoint_dir=None, on_step=None, width: int = 32,
-                   **kw) -> dict[str, torch.Tensor]:
+                   examples: int = 40, **kw) -> dict[str, torch.Tensor]:
     student = Classifier(width=width)
-    d = Distiller(None, student, classifier_data(), classifier_config(optimizer, **kw), progress=False,
+    d = Distiller(None, student, classifier_data(examples), classifier_config(optimizer, **kw), progress=False,
                   strategy=strategy, checkpoint_dir=checkpoint_dir, device="cpu" if strategy is None else None,
                   on_step=on_step)
     d.run()
@@ -150,6 +150,8 @@ def two_process_job(strategy, job_dir: Path) -> None:
     """Every 2-process strategy on the tiny models, in one launch."""
     write_json(job_dir / f"state.fsdp.{strategy.rank}.json", state_bytes(distill_text(_other(strategy, "fsdp"))))
     _write(strategy, job_dir, "ddp", run_classifier(strategy))
+    # 15 examples in micro-batches of 7: the third has one, and rank 1 none of it.
+    _write(strategy, job_dir, "ddp_tail", run_classifier(strategy, examples=15, grad_accum=1))
     _write(strategy, job_dir, "zero1", run_classifier(_other(strategy, "ddp", zero1=True)))
     _write(strategy, job_dir, "fsdp", run_classifier(_other(strategy, "fsdp")))
     _write(strategy, job_dir, "fsdp_bf16", run_classifier(_other(strategy, "fsdp", mixed_precision="bf16"), optimizer="sgd"))
@@ -197,7 +199,8 @@ def worst(found: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) ->
 
 # Each check: (job, file it writes, one-process reference, tolerance).
 CHECKS = {
-    "ddp": ("two", "adamw", 1e-5), "zero1": ("two", "adamw", 1e-5), "fsdp": ("two", "adamw", 1e-5),
+    "ddp": ("two", "adamw", 1e-5), "ddp_tail": ("two", "tail", 1e-5), "zero1": ("two", "adamw", 1e-5),
+    "fsdp": ("two", "adamw", 1e-5),
     "fsdp_bf16": ("two", "sgd", 2e-3), "ddp_distill": ("two", "text", 1e-5), "tp": ("two", "text", 1e-5),
     "fsdp_tp": ("four", "text", 1e-5),
 }
@@ -222,7 +225,8 @@ def check(folder: Path, four: bool = True) -> dict[str, float]:
     folders = {"two": job("two", "two_process_job", ParallelConfig(strategy="ddp", nproc=2))}
     if four:
         folders["four"] = job("four", "four_process_job", ParallelConfig(strategy="fsdp+tp", nproc=4))
-    references = {"adamw": run_classifier(), "sgd": run_classifier(optimizer="sgd"), "text": run_text()}
+    references = {"adamw": run_classifier(), "sgd": run_classifier(optimizer="sgd"), "text": run_text(),
+                  "tail": run_classifier(examples=15, grad_accum=1)}
     out = {name: worst(load_file(str(folders[where] / f"{name}.safetensors")), references[ref])
            for name, (where, ref, _) in CHECKS.items() if where in folders}
     fsdp = ParallelConfig(strategy="fsdp", nproc=2)

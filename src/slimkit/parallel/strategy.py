@@ -36,14 +36,18 @@ class Single:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     # -- data ---------------------------------------------------------------------------
-    def shard(self, idx: torch.Tensor) -> torch.Tensor:
-        """This process's examples of the global batch ``idx``: contiguous, sizes differing by at most one."""
-        return idx.tensor_split(self.dp_size)[self.dp_rank]
+    def shard(self, idx: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """This process's examples of the global micro-batch ``idx`` (contiguous, sizes
+        differing by at most one) and the weight of their mean loss, chosen so that the
+        gradients the processes average are those of the whole micro-batch's mean loss.
 
-    def loss_weight(self, local: int, total: int) -> float:
-        """What this process's mean loss over ``local`` of ``total`` examples is multiplied by,
-        so that the averaged gradient is the gradient of the global batch's mean loss."""
-        return local * self.dp_size / total
+        A process left without an example (a last micro-batch smaller than the processes)
+        computes one with weight 0: it must still take part in the gradients' exchange.
+        """
+        local = idx.tensor_split(self.dp_size)[self.dp_rank]
+        if len(local) == 0:
+            return idx[:1], 0.0
+        return local, len(local) * self.dp_size / len(idx)
 
     def check_batch(self, batch_size: int, n_examples: int) -> None:
         """Refuse a batch that cannot give every data-parallel process an example."""
@@ -75,7 +79,7 @@ class Single:
         """``compute()`` run where it must be and its result given to every process."""
         return compute()
 
-    def share(self, value: Any) -> Any:
+    def from_main(self, value: Any) -> Any:
         """The main process's ``value``, on every process."""
         return value
 
