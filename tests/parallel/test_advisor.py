@@ -72,3 +72,14 @@ def test_a_measured_footprint_of_a_tiny_bert():
     assert 0 < fp.split_activation_share < 1
     text = render(advise(fp, devices=2, device_memory=GB, batch=8))
     assert "recommended: ddp" in text and "16 B x" in text
+
+
+def test_fsdp_units_are_the_models_blocks():
+    from tiny_models import PlainCNN
+
+    from slimkit.parallel.fsdp import shard_units
+
+    assert shard_units(S.Encoder(), "auto") == ["backbone.encoder.layer.0", "backbone.encoder.layer.1"]
+    # No repeated layers of one type: the children with parameters of the largest container.
+    assert shard_units(PlainCNN(), "auto") == ["features.0", "features.2"]
+    assert shard_units(S.Encoder(), ["re:backbone\\.embeddings"]) == ["backbone.embeddings"]

@@ -20,7 +20,8 @@ A strategy fits when its total is within ``1 - headroom`` of the device's memory
 allocator's fragmentation, workspaces and the runtime's own context take the rest). The
 recommendation is the first that fits in the order of least communication: ``ddp``,
 ``ddp`` with ``zero1``, ``fsdp``, ``fsdp+tp``, ``tp``; then the same with checkpointing,
-which costs about one more forward per step.
+which costs about one more forward per step. On one device there is only ``none``, with
+or without checkpointing.
 
 Transformer activations follow Korthikanti et al., "Reducing Activation Recomputation in
 Large Transformer Models" (2022): per layer and sequence, ``s*h*(10 + 24/t) + 5*a*s^2/t``
@@ -39,6 +40,7 @@ from slimkit.memory.timeline import format_bytes
 
 OPTIMIZER_BYTES = {"adamw": 8, "sgd": 4}  # per fp32 parameter: two moments, or momentum
 ORDER = ("ddp", "ddp+zero1", "fsdp", "fsdp+tp", "tp")
+ONE_DEVICE = ("none",)
 
 
 @dataclass(frozen=True)
@@ -145,7 +147,7 @@ def _estimate(fp: ModelFootprint, strategy: str, checkpointing: bool, devices: i
     terms: dict[str, float] = {}
     math_: dict[str, str] = {}
     g = 2 if bf16 and "fsdp" in strategy else 4
-    if strategy == "ddp":
+    if strategy in ("none", "ddp"):
         terms["parameters+gradients"], math_["parameters+gradients"] = 8 * P, f"8 B x {P:,}"
         terms["optimizer_state"], math_["optimizer_state"] = opt_bytes * P, f"{opt_bytes} B x {P:,}"
     elif strategy == "ddp+zero1":
@@ -207,7 +209,7 @@ def advise(footprint: ModelFootprint, devices: int, device_memory: float, batch:
     inner = tp_degree or next((t for t in (8, 4, 2) if devices % t == 0 and devices > t), 1)
     advice = Advice(footprint, devices, device_memory, batch, optimizer, mixed_precision, headroom)
     for checkpointing in (False, True):
-        for strategy in ORDER:
+        for strategy in ORDER if devices > 1 else ONE_DEVICE:
             tp = devices if strategy == "tp" else inner if strategy == "fsdp+tp" else 1
             if tp == 1 and strategy in ("tp", "fsdp+tp"):
                 continue  # one device, or no inner degree: nothing to split

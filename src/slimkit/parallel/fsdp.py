@@ -34,15 +34,26 @@ from slimkit.parallel.world import World
 def shard_units(model: nn.Module, shard: str | list[str]) -> list[str]:
     """The modules of ``model`` that become their own sharded units, in definition order.
 
-    ``auto`` takes the repeated blocks (BERT's ``encoder.layer.*``), or else the top-level
-    children that hold parameters; a list names modules or ``re:`` patterns.
+    ``auto`` takes the repeated blocks (BERT's ``encoder.layer.*``), else the children of
+    the container (``Sequential`` or ``ModuleList``) with the most children that hold
+    parameters (MobileNetV2's ``features.*``), else the top-level children that do; a list
+    names modules or ``re:`` patterns.
     """
     if shard != "auto":
         return resolve_blocks(model, shard)
     try:
         return resolve_blocks(model, "auto")
     except ConfigError:
-        return [n for n, m in model.named_children() if any(True for _ in m.parameters())]
+        pass
+    best: list[str] = []
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Sequential, nn.ModuleList)):
+            held = [f"{name}.{k}" if name else k for k, c in m.named_children() if any(True for _ in c.parameters())]
+            if len(held) > len(best):
+                best = held
+    if len(best) >= 2:
+        return best
+    return [n for n, m in model.named_children() if any(True for _ in m.parameters())]
 
 
 class Sharded(Distributed):
