@@ -28,6 +28,7 @@ from slimkit.measure.runners import make_runner
 from slimkit.measure.workload import Workload
 from slimkit.measure.workloads import workload_for
 from slimkit.parallel.config import ParallelConfig
+from slimkit.parallel.world import launched
 from slimkit.prune.api import prune_
 from slimkit.quantize.api import quantize_, record_transform, transforms_of
 from slimkit.recipe import Recipe
@@ -98,6 +99,8 @@ class StageContext:
             processes under a strategy of :mod:`slimkit.parallel`.
         task: the recipe's task (as JSON), from which parallel workers build their data.
         seq_len: the text length of the task's inputs.
+        joined: the launch this run is part of, when a launcher started it on every
+            process (:class:`slimkit.parallel.joined.JoinedLaunch`).
     """
 
     workload: Workload | None = None
@@ -112,6 +115,7 @@ class StageContext:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     task: dict[str, Any] | None = None
     seq_len: int = 128
+    joined: Any = None
 
     def calibration_for(self, framework: str) -> list[Any] | None:
         """Calibration examples in the form a ``framework`` (``onnx`` or ``torch``) model takes them."""
@@ -178,7 +182,8 @@ def apply_stages(model: LoadedModel, configs: list[SlimConfig], workdir: Path, c
 
             current, record = train_in_workers(cfg, current, workdir / f"stage{i}.job", context.parallel,
                                                task=context.task, seq_len=context.seq_len, checkpoint_dir=folder,
-                                               progress=context.progress, baseline=context.baseline, original=model)
+                                               progress=context.progress, baseline=context.baseline, original=model,
+                                               joined=context.joined)
             record_transform(current.module, cfg, [])
             architecture = current
             if training is not None:
@@ -301,9 +306,33 @@ def run(recipe: Recipe, output: str | Path | None = None, progress: bool = True)
     so an interrupted run leaves no partial folder and can simply be run again. Training
     stages checkpoint into ``.NAME.checkpoints`` beside it, so running an interrupted
     recipe again resumes their training; the checkpoints are removed once the run is done.
+
+    With a ``parallel`` strategy the training stages run in worker processes started with
+    torchrun; in a process a launcher already started on every rank (torchrun, Slurm),
+    rank 0 runs the recipe and the other ranks only train with it (the run folder, on
+    storage they all see, is written by rank 0, and theirs return its path).
     """
     spec = recipe.spec
     out_dir = Path(output or spec.output or Path("runs") / spec.name)
+    joined = None
+    if spec.parallel.distributed and launched():
+        # Started by torchrun or Slurm on every process: rank 0 runs the recipe and the
+        # others train its training stages with it.
+        from slimkit.parallel.joined import JoinedLaunch
+
+        joined = JoinedLaunch(spec.parallel)
+        if not joined.main:
+            joined.serve()
+            return out_dir
+    try:
+        return _run(recipe, out_dir, progress, joined)
+    finally:
+        if joined is not None:
+            joined.close()
+
+
+def _run(recipe: Recipe, out_dir: Path, progress: bool, joined: Any) -> Path:
+    spec = recipe.spec
     checkpoints = out_dir.parent / f".{out_dir.name}.checkpoints"
     m = spec.measure
     device = ("cuda" if torch.cuda.is_available() else "cpu") if m.device == "auto" else m.device
@@ -321,7 +350,8 @@ def run(recipe: Recipe, output: str | Path | None = None, progress: bool = True)
         all_stages = recipe.prepare + recipe.stages + [c for _, cs in recipe.compare for c in cs]
         wanted = [getattr(c, "calibration_samples", 0) or getattr(c, "calibration_batches", 0) for c in all_stages]
         context = StageContext(workload, max([128, *wanted]), None, device, progress, batch_sizes=list(m.batch_sizes),
-                               parallel=spec.parallel, task=spec.task.model_dump(mode="json"), seq_len=m.seq_len)
+                               parallel=spec.parallel, task=spec.task.model_dump(mode="json"), seq_len=m.seq_len,
+                               joined=joined)
 
         step = bar.add_task("prepare the baseline", total=1)
         training: list[dict[str, Any]] = []

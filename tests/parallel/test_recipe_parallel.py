@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from tiny_models import write_image_folder
 
 from slimkit import serialize
@@ -82,3 +85,18 @@ def test_validate_refuses_a_parallel_section_without_training(tmp_path):
 def test_processes_without_a_strategy_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="nproc: 2 processes need a strategy"):
         Recipe.from_dict(recipe(tmp_path, nproc=2))
+
+
+def test_slimkit_run_under_torchrun_trains_with_every_process(runs, tmp_path):
+    images = tmp_path / "images"
+    write_image_folder(images)
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump(recipe(images, strategy="ddp", nproc=2)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")]))}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "slimkit.cli",
+           "run", str(recipe_file), "-o", str(tmp_path / "run"), "--no-progress"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    joined = serialize.load(tmp_path / "run").module.state_dict()
+    one = serialize.load(runs[0]).module.state_dict()
+    assert max(float((one[k].float() - joined[k].float()).abs().max()) for k in one) <= 1e-5

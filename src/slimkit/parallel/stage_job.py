@@ -31,11 +31,13 @@ RECORD = "record.json"
 def train_in_workers(config: SlimConfig, current: LoadedModel, job_dir: Path, parallel: ParallelConfig, *,
                      task: dict[str, Any], seq_len: int, checkpoint_dir: Path | None, progress: bool,
                      baseline: LoadedModel | None = None, original: LoadedModel | None = None,
-                     ) -> tuple[LoadedModel, dict[str, Any]]:
+                     joined: Any = None) -> tuple[LoadedModel, dict[str, Any]]:
     """Run the training stage ``config`` on ``current`` under ``parallel``; the trained model and the record.
 
-    ``current`` itself is not changed: the trained model is a new one (a distill stage's
-    student, or ``current`` trained).
+    The workers are started with torchrun, or, in a launch that already runs this
+    process on every rank (``joined``, a :class:`slimkit.parallel.joined.JoinedLaunch`),
+    are the launch's other processes. ``current`` itself is not changed: the trained
+    model is a new one (a distill stage's student, or ``current`` trained).
     """
     shutil.rmtree(job_dir, ignore_errors=True)
     job_dir.mkdir(parents=True)
@@ -50,7 +52,10 @@ def train_in_workers(config: SlimConfig, current: LoadedModel, job_dir: Path, pa
     args = {"config": config.to_dict(), "task": task, "seq_len": seq_len, "progress": progress,
             "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir else None,
             "checkpointing": checkpointing_of(current.module), "models": learns_from}
-    launch(job_dir, TARGET, parallel, args)
+    if joined is None:
+        launch(job_dir, TARGET, parallel, args)
+    else:
+        joined.run(job_dir, args)
     trained = serialize.load(job_dir / TRAINED)
     trained.example_inputs = current.example_inputs
     record = json.loads((job_dir / RECORD).read_text())
