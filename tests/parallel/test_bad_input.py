@@ -63,7 +63,8 @@ def test_tensor_parallel_degree_must_divide_every_layers_heads():
     ({"strategy": "ddp", "mixed_precision": "bf16"}, "mixed_precision applies to fsdp"),
     ({"strategy": "fsdp+tp", "nproc": 3}, "nproc: 3 processes do not split into groups of tp_degree 2"),
     ({"strategy": "tp", "tp_degree": 2}, r"tp_degree applies to fsdp\+tp"),
-    ({"strategy": "pipeline"}, "strategy"),
+    ({"strategy": "ddp", "schedule": "gpipe"}, "schedule applies to strategy: pipeline"),
+    ({"strategy": "pipeline", "nproc": 3, "split_points": ["a"]}, "3 stages need 2 split point"),
 ])
 def test_settings_that_do_not_fit_the_strategy_are_refused(fields, message):
     with pytest.raises(ValidationError, match=message):
@@ -77,3 +78,10 @@ def test_a_process_without_examples_computes_one_with_weight_zero():
     assert [(t.tolist(), w) for t, w in shares] == [([5], 4 / 3), ([6], 4 / 3), ([7], 4 / 3), ([5], 0.0)]
     # Weighted, the processes' mean losses average to the micro-batch's mean loss.
     assert sum(w for _, w in shares) / 4 == 1.0
+
+
+def test_a_pipeline_stage_cannot_read_the_models_input_again(tmp_path):
+    # The encoder pools its output with the attention mask, an input of the model.
+    with pytest.raises(ParallelError, match=r"pipeline stage 1 \(from 'backbone.encoder.layer.1'\) reads the "
+                                            r"model's input 'attention_mask' directly"):
+        run_job(tmp_path, "text_job", ParallelConfig(strategy="pipeline", nproc=2))

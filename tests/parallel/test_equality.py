@@ -24,7 +24,7 @@ def two(tmp_path_factory):
 @pytest.fixture(scope="module")
 def references():
     return {"adamw": S.run_classifier(), "sgd": S.run_classifier(optimizer="sgd"), "text": S.run_text(),
-            "tail": S.run_classifier(examples=15, grad_accum=1)}
+            "tail": S.run_classifier(examples=15, grad_accum=1), "kd": S.run_classifier(kd=True)}
 
 
 def worst(found: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
@@ -40,6 +40,8 @@ def worst(found: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) ->
     ("fsdp_bf16", "sgd", 2e-3),      # bf16 parameters and compute, fp32 reduction and optimizer
     ("ddp_distill", "text", 1e-5),   # distillation of a BERT student, padding masked per process
     ("tp", "text", 1e-5),            # heads and MLP units split column/row-wise
+    ("pipeline_1f1b", "adamw", 1e-5),     # 2 stages, 4 micro-batches, the last one padding
+    ("pipeline_gpipe_kd", "kd", 1e-5),    # a teacher's soft labels computed on the last stage
 ])
 def test_two_processes_train_what_one_does(two, references, name, reference, tolerance):
     assert worst(load_file(str(two / f"{name}.safetensors")), references[reference]) <= tolerance

@@ -39,6 +39,7 @@ META = "state.json"
 BEST = "best.safetensors"
 SHARDED = "dcp"
 RNG = "rng.{rank}.safetensors"
+OPTIMIZER = "optimizer.{rank}.json"  # each process's optimizer settings (a pipeline stage has its own)
 
 
 def _optimizer_state(opt: torch.optim.Optimizer) -> dict[str, Any]:
@@ -51,12 +52,12 @@ def _optimizer_state(opt: torch.optim.Optimizer) -> dict[str, Any]:
     return consolidated_optimizer_state(opt)
 
 
-def _flat_optimizer(opt: torch.optim.Optimizer, to_cpu: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _flat_optimizer(opt: torch.optim.Optimizer, to_cpu: bool = True, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     sd = _optimizer_state(opt)
     tensors, scalars = {}, {}
     for idx, state in sd["state"].items():
         for key, value in state.items():
-            name = f"optim.{idx}.{key}"
+            name = f"optim.{prefix}{idx}.{key}"
             if isinstance(value, torch.Tensor):
                 tensors[name] = value.detach().cpu().contiguous() if to_cpu else value.detach()
             else:
@@ -64,12 +65,13 @@ def _flat_optimizer(opt: torch.optim.Optimizer, to_cpu: bool = True) -> tuple[di
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def _unflat_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+def _unflat_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = {}
+    start = f"optim.{prefix}"
     for name, value in list(tensors.items()) + list(meta["scalars"].items()):
-        if not name.startswith("optim."):
+        if not name.startswith(start) or not name[len(start):].split(".", 1)[0].isdigit():
             continue
-        _, idx, key = name.split(".", 2)
+        idx, key = name[len(start):].split(".", 1)
         state.setdefault(int(idx), {})[key] = value
     return {"state": state, "param_groups": meta["param_groups"]}
 
@@ -80,7 +82,7 @@ def _carry_over(folder: Path, new: Path) -> None:
         return
     for entry in folder.iterdir():
         # Hidden names are temporary files of interrupted atomic writes.
-        if entry.name in (STATE, META, BEST) or entry.name.startswith((".", "rng.")) or not entry.is_file():
+        if entry.name in (STATE, META, BEST) or entry.name.startswith((".", "rng.", "optimizer.")) or not entry.is_file():
             continue
         try:
             os.link(entry, new / entry.name)  # a second name for the same data: no copy
@@ -129,15 +131,16 @@ def _save_sharded(folder: Path, trainable: torch.nn.Module, opt: torch.optim.Opt
                   best: dict[str, torch.Tensor] | None, strategy: Any) -> None:
     # Sharded tensors (DTensors) stay where they are; DCP writes each process's shards
     # and, of tensors every process holds whole, one copy.
-    tensors = {f"model.{k}": v.detach() for k, v in trainable.state_dict().items()}
-    opt_tensors, opt_meta = _flat_optimizer(opt, to_cpu=False)
+    tensors = {f"model.{k}": v.detach() for k, v in trainable.state_dict().items() if strategy.owned(k)}
+    opt_tensors, opt_meta = _flat_optimizer(opt, to_cpu=False, prefix=strategy.optimizer_prefix)
     tensors.update(opt_tensors)
     if best is not None:
-        tensors.update({f"best.{k}": v for k, v in best.items()})
+        tensors.update({f"best.{k}": v for k, v in best.items() if strategy.owned(k)})
 
     def write_parts(tmp: Path) -> None:
         dcp.save(tensors, checkpoint_id=str(tmp / SHARDED))
         save_file(_rng_tensors(), str(tmp / RNG.format(rank=strategy.rank)))
+        (tmp / OPTIMIZER.format(rank=strategy.rank)).write_text(json.dumps(opt_meta))
         strategy.barrier()  # every process's part is on disk
 
     if strategy.main:
@@ -145,28 +148,31 @@ def _save_sharded(folder: Path, trainable: torch.nn.Module, opt: torch.optim.Opt
             strategy.from_main(str(tmp))
             _carry_over(folder, tmp)
             write_parts(tmp)
-            (tmp / META).write_text(json.dumps({"loop": loop, "optimizer": opt_meta, "processes": strategy.size}, indent=1))
+            (tmp / META).write_text(json.dumps({"loop": loop, "optimizer": opt_meta, "processes": strategy.size,
+                                                "layout": strategy.layout}, indent=1))
     else:
         write_parts(Path(strategy.from_main(None)))
     strategy.barrier()  # the folder is in place before anyone reads or replaces it
 
 
-def _templates(trainable: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+def _templates(trainable: torch.nn.Module, opt: torch.optim.Optimizer, strategy: Any) -> dict[str, torch.Tensor]:
     """This process's tensors under the checkpoint's names, shaped (and sharded) as it holds them."""
     _init_optim_state(opt)  # an optimizer that never stepped has no state to load into yet
-    out = {f"model.{k}": v for k, v in trainable.state_dict().items()}
-    out.update(_flat_optimizer(opt, to_cpu=False)[0])
-    out.update({f"best.{k}": v for k, v in trainable.state_dict().items()})
+    owned = {k: v for k, v in trainable.state_dict().items() if strategy is None or strategy.owned(k)}
+    out = {f"model.{k}": v for k, v in owned.items()}
+    out.update(_flat_optimizer(opt, to_cpu=False, prefix=getattr(strategy, "optimizer_prefix", ""))[0])
+    out.update({f"best.{k}": v for k, v in owned.items()})
     return out
 
 
-def _read_sharded(folder: Path, templates: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+def _read_sharded(folder: Path, templates: dict[str, torch.Tensor], rank: int, stage_state: bool = False) -> dict[str, torch.Tensor]:
     path = str(folder / SHARDED)
     saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
     wanted = {k: torch.empty_like(v) for k, v in templates.items() if k in saved}
     # Optimizer state exists only for parameters that have had a gradient, and best
-    # weights only after an evaluation; every weight of the model must be there.
-    missing = [k for k in templates if k not in saved and k.startswith("model.")]
+    # weights only after an evaluation; every weight of the model must be there, and a
+    # pipeline stage's optimizer state (saved under the stage's own numbering).
+    missing = [k for k in templates if k not in saved and (k.startswith("model.") or (stage_state and k.startswith("optim.")))]
     # A DTensor's shape is the whole tensor's, as the checkpoint records it.
     resized = [f"{k} is {list(saved[k].size)} there, {list(v.shape)} here" for k, v in wanted.items()
                if list(getattr(saved[k], "size", v.shape)) != list(v.shape)]
@@ -198,24 +204,35 @@ def load_checkpoint(folder: Path, trainable: torch.nn.Module, opt: torch.optim.O
     distributed = strategy is not None and strategy.distributed
     try:
         meta = json.loads((folder / META).read_text())
+        layout = getattr(strategy, "layout", None)
+        if meta.get("layout") != layout:
+            def says(x):
+                return f"a pipeline cut at {x['pipeline']}" if x else "a strategy without a pipeline"
+            raise SlimkitError(f"{folder}: the checkpoint was written by {says(meta.get('layout'))}, and this run is "
+                               f"{says(layout)}; resume with the same pipeline settings, or delete the folder to start over")
         if (folder / SHARDED).is_dir():
-            tensors = _read_sharded(folder, _templates(trainable, opt), strategy.rank if distributed else 0)
+            rank = strategy.rank if distributed else 0
+            tensors = _read_sharded(folder, _templates(trainable, opt, strategy), rank, strategy is not None and strategy.pipelined)
+            own = folder / OPTIMIZER.format(rank=rank)
+            if own.is_file() and distributed:
+                meta["optimizer"] = json.loads(own.read_text())
         else:
             tensors = load_file(str(folder / STATE))
             if (folder / BEST).exists():
                 tensors.update({f"best.{k}": v for k, v in load_file(str(folder / BEST)).items()})
             if distributed:
-                templates = _templates(trainable, opt)
+                templates = _templates(trainable, opt, strategy)
                 tensors = {k: _like(v, templates[k]) if k in templates else v for k, v in tensors.items()}
     except (OSError, ValueError) as e:
         raise SlimkitError(f"{folder}: unreadable checkpoint ({e}); delete the folder to start over") from None
     model_sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     try:
-        trainable.load_state_dict(model_sd)
+        # A pipeline stage loads its own layers; every other process the whole model.
+        trainable.load_state_dict(model_sd, strict=not (strategy is not None and strategy.pipelined))
     except RuntimeError as e:
         raise SlimkitError(f"{folder}: the checkpoint holds another model ({str(e).splitlines()[-1].strip()}); "
                            "delete the folder or choose another one to start over") from None
-    opt.load_state_dict(_unflat_optimizer(tensors, meta["optimizer"]))
+    opt.load_state_dict(_unflat_optimizer(tensors, meta["optimizer"], getattr(strategy, "optimizer_prefix", "")))
     _set_rng(tensors)
     best = {k[len("best."):]: v for k, v in tensors.items() if k.startswith("best.")} or None
     return meta["loop"], best

@@ -249,7 +249,10 @@ class Distiller:
         # The loss runs the student through this; the strategy's probe of the loss (to see
         # which parameters it reaches) runs before the wrapper exists.
         self._student_call: Callable[..., Any] = self.student
-        self._student_call = self.strategy.wrap(self.student, self.projections, self._probe_loss)
+        if self.strategy.pipelined:
+            self.strategy.build(self)  # the pipeline runs the student itself
+        else:
+            self._student_call = self.strategy.wrap(self.student, self.projections, self._probe_loss)
         self.trainable = nn.ModuleDict({"student": self.student, "projections": self.projections})
         params = [p for p in self.trainable.parameters() if p.requires_grad]
         self.opt = self.strategy.optimizer(self._optimizer, params)
@@ -528,6 +531,12 @@ class Distiller:
         total, parts_sum = 0.0, {}
         for k in range(c.grad_accum):
             idx = batches[(in_epoch * c.grad_accum + k) % len(batches)]
+            if self.strategy.pipelined:
+                loss_value, parts = self.strategy.forward_backward(idx, c.grad_accum)
+                total += loss_value / c.grad_accum
+                for name, v in parts.items():
+                    parts_sum[name] = parts_sum.get(name, 0.0) + v / c.grad_accum
+                continue
             # This process's share of the micro-batch, weighted so that the gradients the
             # strategy averages are those of the whole micro-batch's mean loss.
             local, weight = self.strategy.shard(idx)

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-STRATEGIES = ("none", "ddp", "fsdp", "tp", "fsdp+tp")
+STRATEGIES = ("none", "ddp", "fsdp", "tp", "fsdp+tp", "pipeline")
 
 
 class ParallelConfig(BaseModel):
@@ -23,7 +23,9 @@ class ParallelConfig(BaseModel):
             parallel: the attention and MLP projections of transformer blocks are split
             column- and row-wise; every process sees the same batch) or ``fsdp+tp`` (both,
             on a 2-D device mesh: ``nproc / tp_degree`` data-parallel groups of
-            ``tp_degree`` processes).
+            ``tp_degree`` processes) or ``pipeline`` (``torch.distributed.pipelining``:
+            the model cut into ``nproc`` consecutive stages, one per process, each
+            micro-batch flowing through them).
         nproc: processes on this host, one per device (per core group on CPU). Ignored
             when the command already runs inside a launch (torchrun, Slurm), whose
             world size is used.
@@ -39,6 +41,14 @@ class ParallelConfig(BaseModel):
             nothing to offload from).
         shard: under ``fsdp``, the modules that become their own sharded units (qualified
             names, or ``re:`` patterns); ``auto`` takes the model's repeated blocks.
+        schedule: under ``pipeline``, ``1f1b`` (each stage alternates forward and backward
+            once the pipeline is full: at most ``nproc`` micro-batches of activations
+            held) or ``gpipe`` (all forwards, then all backwards).
+        microbatches: under ``pipeline``, micro-batches each batch is cut into (default:
+            ``2 * nproc``); more fill the pipeline better.
+        split_points: under ``pipeline``, the modules each stage after the first begins
+            with (``nproc - 1`` qualified names, in order), or ``balanced``: cut between
+            the model's blocks so that the stages' measured forward times are closest.
         backend: ``auto`` chooses nccl on CUDA and gloo on CPU.
         timeout_seconds: how long a process waits in a collective before it gives up; a
             crashed process then stops the others with an error instead of a hang.
@@ -48,13 +58,16 @@ class ParallelConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    strategy: Literal["none", "ddp", "fsdp", "tp", "fsdp+tp"] = "none"
+    strategy: Literal["none", "ddp", "fsdp", "tp", "fsdp+tp", "pipeline"] = "none"
     nproc: int = Field(1, ge=1)
     tp_degree: int | None = Field(None, ge=1)
     zero1: bool = False
     mixed_precision: Literal["fp32", "bf16"] = "fp32"
     cpu_offload: bool = False
     shard: Literal["auto"] | list[str] = "auto"
+    schedule: Literal["1f1b", "gpipe"] = "1f1b"
+    microbatches: int | None = Field(None, ge=1)
+    split_points: Literal["balanced"] | list[str] = "balanced"
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     timeout_seconds: float = Field(600.0, gt=0)
     port: int | None = Field(None, ge=1, le=65535)
@@ -72,6 +85,13 @@ class ParallelConfig(BaseModel):
             raise ValueError("cpu_offload applies to strategy: fsdp")
         if self.shard != "auto" and "fsdp" not in s:
             raise ValueError(f"shard names FSDP units; strategy {s} does not shard")
+        changed = [k for k, default in (("schedule", "1f1b"), ("microbatches", None), ("split_points", "balanced"))
+                   if getattr(self, k) != default]
+        if s != "pipeline" and changed:
+            raise ValueError(f"{', '.join(changed)} applies to strategy: pipeline")
+        if s == "pipeline" and isinstance(self.split_points, list) and len(self.split_points) != self.nproc - 1:
+            raise ValueError(f"split_points: {self.nproc} stages need {self.nproc - 1} split point(s), "
+                             f"got {len(self.split_points)}; or use split_points: balanced")
         if self.tp_degree is not None and s != "fsdp+tp":
             raise ValueError("tp_degree applies to fsdp+tp (under tp every process splits the layers: nproc)")
         if s == "fsdp+tp" and self.nproc % self.tensor_degree:

@@ -24,6 +24,10 @@ from slimkit.parallel.config import ParallelConfig
 JOB = "job.json"
 LOG = "workers.log"
 ERROR = "error.{rank}.json"
+DONE = "done.{rank}"  # a worker that finished its part
+# What a process says when a peer vanished under it.
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "remote process exited",
+             "NCCL communicator was aborted")
 
 
 class ParallelError(SlimkitError):
@@ -80,7 +84,7 @@ def launch(job_dir: str | Path, target: str, config: ParallelConfig, args: dict[
     if config.port is not None and port_in_use(config.port):
         raise ConfigError(f"parallel.port: port {config.port} is already in use on this host; choose another "
                           "or remove port (torchrun --standalone then picks a free one)")
-    for stale in job_dir.glob("error.*.json"):
+    for stale in [*job_dir.glob("error.*.json"), *job_dir.glob("done.*")]:
         stale.unlink()
     write_json(job_dir / JOB, {"target": target, "args": args or {}, "parallel": config.model_dump(mode="json"),
                                "threads": threads or threads_per_process(config.nproc)})
@@ -96,12 +100,22 @@ def launch(job_dir: str | Path, target: str, config: ParallelConfig, args: dict[
                               stdin=subprocess.DEVNULL).returncode
     if code == 0:
         return
-    errors = sorted(job_dir.glob("error.*.json"), key=lambda p: p.stat().st_mtime)
-    if errors:
-        first = json.loads(errors[0].read_text())
+    raise ParallelError(_why_it_stopped(job_dir, config, code))
+
+
+def _why_it_stopped(job_dir: Path, config: ParallelConfig, code: int) -> str:
+    """The first failure, or the process that vanished (a peer's "connection closed" is the
+    consequence of a process that died without a word, not the cause)."""
+    log = job_dir / LOG
+    where = f"{config.strategy} on {config.nproc} processes"
+    errors = [json.loads(p.read_text()) for p in sorted(job_dir.glob("error.*.json"), key=lambda p: p.stat().st_mtime)]
+    reported = {e["rank"] for e in errors}
+    silent = [r for r in range(config.nproc) if r not in reported and not (job_dir / DONE.format(rank=r)).exists()]
+    first = errors[0] if errors else None
+    if first is not None and not (silent and any(m in first["message"] for m in PEER_LOST)):
         others = f"; {len(errors) - 1} other process(es) stopped after it" if len(errors) > 1 else ""
-        raise ParallelError(f"{config.strategy} on {config.nproc} processes: rank {first['rank']} failed: "
-                            f"{first['message']}{others} (worker log: {log})")
-    raise ParallelError(f"{config.strategy} on {config.nproc} processes: the workers stopped (torchrun exit code "
-                        f"{code}) and none reported an error, so one was killed (a signal, or out of memory); "
-                        f"run the recipe again to resume from its last checkpoint (worker log: {log})")
+        return f"{where}: rank {first['rank']} failed: {first['message']}{others} (worker log: {log})"
+    who = f"rank {silent[0]} reported no error, so it was" if len(silent) == 1 else \
+        f"ranks {', '.join(map(str, silent))} reported no error, so one of them was"
+    return (f"{where}: the workers stopped (torchrun exit code {code}); {who} killed "
+            f"(a signal, or out of memory); run the recipe again to resume from its last checkpoint (worker log: {log})")

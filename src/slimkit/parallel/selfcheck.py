@@ -84,9 +84,10 @@ def text_data(n: int = 24) -> DistillData:
     return DistillData({"input_ids": ids * mask, "attention_mask": mask})
 
 
-def classifier_config(optimizer: str = "adamw", **kw) -> DistillConfig:
+def classifier_config(optimizer: str = "adamw", kd: bool = False, **kw) -> DistillConfig:
     settings = {"lr": 1e-2, "max_steps": STEPS, "batch_size": 7, "grad_accum": 2, "max_grad_norm": 1.0, **kw}
-    return DistillConfig(losses=[LossTerm(kind="hard_ce")], optimizer=optimizer, **settings)
+    losses = [LossTerm(kind="hard_ce")] + ([LossTerm(kind="soft_kl", temperature=2.0)] if kd else [])
+    return DistillConfig(losses=losses, optimizer=optimizer, **settings)
 
 
 def text_config(**kw) -> DistillConfig:
@@ -100,13 +101,15 @@ def full(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def run_classifier(strategy=None, optimizer: str = "adamw", checkpoint_dir=None, on_step=None, width: int = 32,
-                   examples: int = 40, **kw) -> dict[str, torch.Tensor]:
+                   examples: int = 40, kd: bool = False, **kw) -> dict[str, torch.Tensor]:
+    """The classifier trained on labels (and, with ``kd``, a teacher classifier's soft labels)."""
     student = Classifier(width=width)
-    d = Distiller(None, student, classifier_data(examples), classifier_config(optimizer, **kw), progress=False,
+    teacher = Classifier(seed=3) if kd else None
+    d = Distiller(teacher, student, classifier_data(examples), classifier_config(optimizer, kd, **kw), progress=False,
                   strategy=strategy, checkpoint_dir=checkpoint_dir, device="cpu" if strategy is None else None,
                   on_step=on_step)
     d.run()
-    return _found(student)
+    return _found(student, strategy)
 
 
 def distill_text(strategy=None, heads: int = 4) -> Distiller:
@@ -122,7 +125,9 @@ def run_text(strategy=None, heads: int = 4) -> dict[str, torch.Tensor]:
     return _found(distill_text(strategy, heads).student)
 
 
-def _found(student: nn.Module) -> dict[str, torch.Tensor]:
+def _found(student: nn.Module, strategy=None) -> dict[str, torch.Tensor]:
+    if strategy is not None and strategy.pipelined:
+        return _found_in_stages(student, strategy)
     out = {}
     for name, p in student.named_parameters():
         out[f"param.{name}"] = full(p)
@@ -130,6 +135,20 @@ def _found(student: nn.Module) -> dict[str, torch.Tensor]:
         if g is not None:
             out[f"grad.{name}"] = g
     return out
+
+
+def _found_in_stages(student: nn.Module, strategy) -> dict[str, torch.Tensor]:
+    """Each stage's parameters and gradients, gathered on the main process."""
+    import torch.distributed as dist
+
+    local = {k: v for k, v in _found(student).items() if f"student.{k.split('.', 1)[1]}" in strategy.owned_names}
+    parts = [None] * strategy.size if strategy.main else None
+    dist.gather_object(local, parts, dst=0)
+    if not strategy.main:
+        return {}
+    # Parameters no stage holds (never called) are as they were, as in one process.
+    whole = {k: v for k, v in _found(student).items() if k.startswith("param.")}
+    return {**whole, **{k: v for part in parts for k, v in part.items()}}
 
 
 def _write(strategy, job_dir: Path, name: str, found: dict[str, torch.Tensor]) -> None:
@@ -157,6 +176,9 @@ def two_process_job(strategy, job_dir: Path) -> None:
     _write(strategy, job_dir, "fsdp_bf16", run_classifier(_other(strategy, "fsdp", mixed_precision="bf16"), optimizer="sgd"))
     _write(strategy, job_dir, "ddp_distill", run_text(_other(strategy, "ddp")))
     _write(strategy, job_dir, "tp", run_text(_other(strategy, "tp")))
+    # Micro-batches of 2 (7 examples padded to 8), cut between the classifier's two blocks.
+    _write(strategy, job_dir, "pipeline_1f1b", run_classifier(_other(strategy, "pipeline")))
+    _write(strategy, job_dir, "pipeline_gpipe_kd", run_classifier(_other(strategy, "pipeline", schedule="gpipe"), kd=True))
 
 
 def four_process_job(strategy, job_dir: Path) -> None:
@@ -178,6 +200,11 @@ def checkpoint_job(strategy, job_dir: Path, kill: int | None = None) -> None:
     found = run_classifier(strategy, checkpoint_dir=job_dir / "ckpt", checkpoint_every=1,
                            on_step=kill_at(kill) if kill else None)
     _write(strategy, job_dir, "final", found)
+
+
+def text_job(strategy, job_dir: Path) -> None:
+    """The tiny BERT distillation under the job's strategy."""
+    _write(strategy, job_dir, "text", run_text(strategy))
 
 
 def crash_job(strategy, job_dir: Path) -> None:
@@ -202,6 +229,7 @@ CHECKS = {
     "ddp": ("two", "adamw", 1e-5), "ddp_tail": ("two", "tail", 1e-5), "zero1": ("two", "adamw", 1e-5),
     "fsdp": ("two", "adamw", 1e-5),
     "fsdp_bf16": ("two", "sgd", 2e-3), "ddp_distill": ("two", "text", 1e-5), "tp": ("two", "text", 1e-5),
+    "pipeline_1f1b": ("two", "adamw", 1e-5), "pipeline_gpipe_kd": ("two", "kd", 1e-5),
     "fsdp_tp": ("four", "text", 1e-5),
 }
 
@@ -226,7 +254,7 @@ def check(folder: Path, four: bool = True) -> dict[str, float]:
     if four:
         folders["four"] = job("four", "four_process_job", ParallelConfig(strategy="fsdp+tp", nproc=4))
     references = {"adamw": run_classifier(), "sgd": run_classifier(optimizer="sgd"), "text": run_text(),
-                  "tail": run_classifier(examples=15, grad_accum=1)}
+                  "tail": run_classifier(examples=15, grad_accum=1), "kd": run_classifier(kd=True)}
     out = {name: worst(load_file(str(folders[where] / f"{name}.safetensors")), references[ref])
            for name, (where, ref, _) in CHECKS.items() if where in folders}
     fsdp = ParallelConfig(strategy="fsdp", nproc=2)

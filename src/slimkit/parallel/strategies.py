@@ -6,6 +6,7 @@ from slimkit.parallel.config import ParallelConfig
 from slimkit.parallel.ddp import DataParallel
 from slimkit.parallel.distributed import Distributed
 from slimkit.parallel.fsdp import Sharded
+from slimkit.parallel.pipeline import PipelineParallel
 from slimkit.parallel.strategy import Single
 from slimkit.parallel.tensor import ShardedTensorParallel, TensorParallel
 from slimkit.parallel.world import World
@@ -15,6 +16,7 @@ STRATEGY_CLASSES: dict[str, type[Distributed]] = {
     "fsdp": Sharded,
     "tp": TensorParallel,
     "fsdp+tp": ShardedTensorParallel,
+    "pipeline": PipelineParallel,
 }
 
 

@@ -25,6 +25,12 @@ class Single:
 
     name = "none"
     distributed = False
+    # Whether the loop hands each micro-batch's forward and backward to the strategy
+    # (pipeline parallel), and the prefix of this process's optimizer state in checkpoints.
+    pipelined = False
+    optimizer_prefix = ""
+    # What a checkpoint must have been written under to resume here (None: any layout).
+    layout: dict[str, Any] | None = None
     rank = 0
     size = 1
     main = True
@@ -61,6 +67,11 @@ class Single:
 
     def optimizer(self, factory: OptimizerFactory, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         return factory(params)
+
+    def owned(self, name: str) -> bool:
+        """Whether this process holds the trainable state named ``name`` (a pipeline stage
+        holds its own layers only)."""
+        return True
 
     def accumulating(self, last: bool) -> ContextManager[None]:
         """Around one micro-batch's forward and backward: gradients are synchronised only on

@@ -22,7 +22,7 @@ import torch
 from slimkit.atomic import write_json
 from slimkit.errors import ConfigError, SlimkitError
 from slimkit.parallel.config import ParallelConfig
-from slimkit.parallel.launch import ERROR, JOB
+from slimkit.parallel.launch import DONE, ERROR, JOB
 
 
 def resolve(target: str) -> Callable[..., Any]:
@@ -48,15 +48,16 @@ def main(job_dir: str) -> int:
 
     folder = Path(job_dir)
     job = json.loads((folder / JOB).read_text())
-    config = ParallelConfig.model_validate(job["parallel"])
-    torch.set_num_threads(int(job["threads"]))
     rank = int(os.environ.get("RANK", "-1"))
     try:
+        config = ParallelConfig.model_validate(job["parallel"])
+        torch.set_num_threads(int(job["threads"]))
         world = join(config)
         rank = world.rank
         strategy = make_strategy(world, config)
         resolve(job["target"])(strategy, folder, **job["args"])
         strategy.barrier()
+        (folder / DONE.format(rank=rank)).touch()
     except BaseException as e:  # noqa: BLE001 - reported to the parent, then the process exits non-zero
         if isinstance(e, KeyboardInterrupt):
             raise
