@@ -8,7 +8,8 @@ gradients and optimizer state. Every batch is cut into micro-batches of one fixe
 last micro-batch is padded with examples whose loss weight is 0. The loss runs on the
 last stage, on the student's output: the output terms (``hard_ce``, ``soft_kl``,
 ``output_mse``, ``output_cosine``); terms on inner layers need every layer in one
-process and are refused.
+process and are refused. The parameters of other stages are released from each
+process; the main process gathers the whole student for evaluations and at the end.
 
 Each micro-batch's loss is weighted by its share of the batch's examples, so the
 gradients summed over micro-batches are those of the batch's mean loss, as in one
@@ -83,6 +84,12 @@ def _forward_times(model: nn.Module, units: list[str], inputs: dict[str, torch.T
     return [spent[n] for n in units]
 
 
+def _contiguous(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # Stages send and receive contiguous tensors (a channels-last batch would reach the
+    # next stage as a strided view the transport refuses).
+    return {k: v.contiguous() for k, v in inputs.items()}
+
+
 def _refuse_root_inputs_after_the_first_stage(pipe: Any, names: list[str]) -> None:
     # A stage takes only what the stage before it sends: a model input read again later
     # (an attention mask pooling the output, say) cannot reach it.
@@ -134,8 +141,11 @@ class PipelineParallel(Distributed):
         self.distiller = distiller
         self.mb = math.ceil(distiller.config.batch_size / self.microbatches)
         idx = torch.arange(self.mb) % len(distiller.data)
-        example, _ = distiller.data.batch(idx, self.device)
+        example = _contiguous(distiller.data.batch(idx, self.device)[0])
         student = distiller.student
+        # Stages send activations as contiguous tensors: with channels-last weights (the
+        # train stage's choice for CPU convolutions) every activation would be strided.
+        student.to(memory_format=torch.contiguous_format)
         was = student.training
         student.eval()
         names = self.split_points(student, example)
@@ -169,6 +179,14 @@ class PipelineParallel(Distributed):
         self.optimizer_prefix = f"stage{self.rank}."  # each stage's optimizer counts its own parameters from 0
         self.schedule = SCHEDULES[self.config.schedule](self.stage, n_microbatches=self.microbatches,
                                                          loss_fn=self._loss, scale_grads=False)
+        # Other stages' parameters leave this process: it holds its own stage only.
+        self.elsewhere = [p for i in range(pipe.num_stages) if i != self.rank
+                          for p in pipe.get_stage_module(i).parameters() if id(p) not in self.local_ids]
+        self._release()
+
+    def _release(self) -> None:
+        for p in self.elsewhere:
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
 
     def optimizer(self, factory, params):
         # This stage's parameters only: the others never get a gradient here.
@@ -191,7 +209,7 @@ class PipelineParallel(Distributed):
         kwargs: dict[str, Any] = {}
         if self.rank == 0:
             inputs, _ = d.data.batch(torch.where(padded >= 0, padded, idx[0]), self.device)
-            kwargs.update(inputs)
+            kwargs.update(_contiguous(inputs))
         if self.rank == self.last:
             kwargs.update(target=padded.to(self.device), losses=[])
         self.schedule.step(**kwargs)
@@ -239,22 +257,28 @@ class PipelineParallel(Distributed):
 
     # -- whole-model views --------------------------------------------------------------
     def _gather_to_main(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        """Every stage's parameters and buffers, gathered into the main process's ``module``."""
+        """Every stage's parameters and buffers, gathered into the main process's ``module``
+        (whole there until :meth:`_release`); the whole state dict on the main process."""
         mine = {k: v.detach().cpu() for k, v in module.state_dict().items() if f"student.{k}" in self.owned_names}
         parts: list[Any] = [None] * self.size if self.main else None
         dist.gather_object(mine, parts, dst=0)
         if not self.main:
             return {}
-        full = {k: v.detach().cpu() for k, v in module.state_dict().items()}
-        for part in parts:
-            full.update(part)
-        module.load_state_dict(full)
-        return full
+        tensors = dict(module.named_parameters()) | dict(module.named_buffers())
+        for part in parts[1:]:
+            for name, value in part.items():
+                tensors[name].data = value.to(tensors[name].device)
+        return {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
     def agree(self, compute: Callable[[], Any]) -> Any:
-        # The evaluation needs the whole student: the main process gathers it first.
+        # The evaluation needs the whole student: the main process gathers it for the time
+        # of the evaluation.
         self._gather_to_main(self.distiller.student)
-        return self.from_main(compute() if self.main else None)
+        try:
+            result = compute() if self.main else None
+        finally:
+            self._release()
+        return self.from_main(result)
 
     def full_state_dict(self, module: nn.Module) -> dict[str, torch.Tensor]:
         return self._gather_to_main(module)
