@@ -24,7 +24,8 @@ def test_parallel_quick(tmp_path):
     assert "fsdp_2_ranks_state_vs_one_process_bert_base" in names and "resumed_after_kill_vs_uninterrupted_max_abs_diff" in names
     assert all(t["met"] for t in doc["targets"]), [t for t in doc["targets"] if not t["met"]]
     assert [(r["strategy"], r["processes"]) for r in doc["strategies"]] == [
-        ("none", 1), ("fsdp", 1), ("ddp", 2), ("ddp+zero1", 2), ("fsdp", 2), ("fsdp bf16", 2), ("tp", 2)]
+        ("none", 1), ("fsdp", 1), ("ddp", 2), ("ddp+zero1", 2), ("fsdp", 2), ("fsdp bf16", 2), ("tp", 2),
+        ("pipeline", 2)]
     # What each process holds: DDP the whole state, FSDP half of it.
     by = {(r["strategy"], r["processes"]): r["state_bytes_max"] for r in doc["strategies"]}
     assert by[("ddp", 2)] == by[("none", 1)] and by[("fsdp", 2)] <= 0.55 * by[("none", 1)]

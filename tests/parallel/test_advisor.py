@@ -30,6 +30,9 @@ def test_each_strategy_adds_its_terms():
     assert e["fsdp+tp"].tp_degree == 2 and e["fsdp+tp"].examples_per_device == 8
     assert e["fsdp+tp"].terms["sharded_state"] == 16 * (600_000 / 4 + 400_000 / 2)
     assert e["ddp + checkpointing"].terms["activations"] == 4 * 500_000
+    # pipeline over 4 stages: 8 micro-batches of 2, at most 4 in flight under 1F1B, each
+    # stage a quarter of the layers; the main process gathers the other three quarters.
+    assert e["pipeline"].terms == {"stage_state": 4e6, "gathered_for_evaluation": 3e6, "activations": 2e6 * 2 * 4 / 4}
     assert all(abs(x.total - sum(x.terms.values())) < 1e-6 for x in e.values())
 
 

@@ -7,19 +7,23 @@ per device is the sum of
 
 - parameters, gradients and optimizer state: 4 + 4 + 8 bytes per parameter with AdamW
   in fp32 (4 with SGD's momentum), whole (``ddp``), the optimizer state divided by the
-  devices (``zero1``), everything divided (``fsdp``), or the split layers divided by the
-  tensor-parallel degree (``tp``, ``fsdp+tp``);
+  devices (``zero1``), everything divided (``fsdp``; ``pipeline``, by stages, whose main
+  process also gathers the whole model to evaluate it), or the split layers divided by
+  the tensor-parallel degree (``tp``, ``fsdp+tp``);
 - what FSDP gathers: two blocks' parameters in the compute dtype (the one computing and
   the one prefetched) and one block's unsharded gradients;
 - activations: per example times the examples a device computes (the global batch over
   the data-parallel degree); under tensor parallel the share inside split layers is
-  divided by the degree. With every block checkpointed, only block inputs and one
-  block's recomputed activations stay.
+  divided by the degree; a pipeline stage keeps its layers' share for the micro-batches
+  in flight (``2 x devices`` micro-batches, at most ``devices`` in flight under 1F1B).
+  With every block checkpointed, only block inputs and one block's recomputed
+  activations stay.
 
 A strategy fits when its total is within ``1 - headroom`` of the device's memory (the
 allocator's fragmentation, workspaces and the runtime's own context take the rest). The
 recommendation is the first that fits in the order of least communication: ``ddp``,
-``ddp`` with ``zero1``, ``fsdp``, ``fsdp+tp``, ``tp``; then the same with checkpointing,
+``ddp`` with ``zero1``, ``fsdp``, ``fsdp+tp``, ``pipeline`` (its stages idle while the
+pipeline fills), ``tp``; then the same with checkpointing,
 which costs about one more forward per step. On one device there is only ``none``, with
 or without checkpointing.
 
@@ -39,7 +43,7 @@ from typing import Any
 from slimkit.memory.timeline import format_bytes
 
 OPTIMIZER_BYTES = {"adamw": 8, "sgd": 4}  # per fp32 parameter: two moments, or momentum
-ORDER = ("ddp", "ddp+zero1", "fsdp", "fsdp+tp", "tp")
+ORDER = ("ddp", "ddp+zero1", "fsdp", "fsdp+tp", "pipeline", "tp")
 ONE_DEVICE = ("none",)
 
 
@@ -140,7 +144,7 @@ def _estimate(fp: ModelFootprint, strategy: str, checkpointing: bool, devices: i
               opt_bytes: int, bf16: bool, budget: float) -> Estimate:
     P, U = fp.parameters, fp.largest_unit
     state = 8 + opt_bytes
-    dp = devices // tp
+    dp = 1 if strategy == "pipeline" else devices // tp
     per_device = math.ceil(batch / dp)
     acts = fp.checkpointed_per_example if checkpointing else fp.activations_per_example
     tp_factor = 1 - fp.split_activation_share * (1 - 1 / tp)
@@ -162,15 +166,29 @@ def _estimate(fp: ModelFootprint, strategy: str, checkpointing: bool, devices: i
         rest = P - fp.split
         terms["state"] = state * (fp.split / tp + rest)
         math_["state"] = f"{state} B x ({fp.split:,} / {tp} + {rest:,})"
+    elif strategy == "pipeline":
+        terms["stage_state"], math_["stage_state"] = state * P / devices, f"{state} B x {P:,} / {devices} stages"
+        terms["gathered_for_evaluation"] = 4 * P * (devices - 1) / devices
+        math_["gathered_for_evaluation"] = f"4 B x {P:,} x {devices - 1}/{devices} (the main process, evaluating)"
     elif strategy == "fsdp+tp":
         rest = P - fp.split
         terms["sharded_state"] = state * (fp.split / devices + rest / dp)
         math_["sharded_state"] = f"{state} B x ({fp.split:,} / {devices} + {rest:,} / {dp})"
         terms["gathered"] = (2 * g + 4) * U / tp
         math_["gathered"] = f"(2 x {g} B + 4 B) x {U:,} / {tp}"
-    terms["activations"] = acts * per_device * tp_factor
-    math_["activations"] = (f"{format_bytes(acts)} x {per_device} example(s)"
-                            + (f" x {tp_factor:.3f} (split share / {tp})" if tp > 1 else ""))
+    if strategy == "pipeline":
+        # Each stage keeps its 1/S of the layers' activations for the micro-batches in
+        # flight: all of them under GPipe, at most S under 1F1B (the default).
+        micro = 2 * devices
+        size = math.ceil(batch / micro)
+        flight = min(devices, micro)
+        terms["activations"] = acts * size * flight / devices
+        math_["activations"] = (f"{format_bytes(acts)} x {size} example(s) per micro-batch x {flight} in flight "
+                                f"(1F1B) / {devices} stages")
+    else:
+        terms["activations"] = acts * per_device * tp_factor
+        math_["activations"] = (f"{format_bytes(acts)} x {per_device} example(s)"
+                                + (f" x {tp_factor:.3f} (split share / {tp})" if tp > 1 else ""))
     total = sum(terms.values())
     refused = None
     if tp > 1:
@@ -181,6 +199,8 @@ def _estimate(fp: ModelFootprint, strategy: str, checkpointing: bool, devices: i
             refused = f"{tp} does not divide the heads of every block ({', '.join(map(str, bad))})"
     if batch < dp:
         refused = f"a batch of {batch} does not split across {dp} data-parallel devices"
+    if strategy == "pipeline" and batch < 2 * devices:
+        refused = f"a batch of {batch} does not fill {2 * devices} micro-batches"
     return Estimate(strategy, checkpointing, devices, tp, per_device, terms, math_, total,
                     refused is None and total <= budget, refused)
 

@@ -98,7 +98,9 @@ def launch(job_dir: str | Path, target: str, config: ParallelConfig, args: dict[
     with open(log, "wb") as out:
         code = subprocess.run(torchrun_command(config, job_dir), env=worker_env, stdout=out, stderr=subprocess.STDOUT,
                               stdin=subprocess.DEVNULL).returncode
-    if code == 0:
+    # Every worker finished its part: a failure after that (tearing the process group
+    # down while a peer is already gone) loses nothing.
+    if code == 0 or all((job_dir / DONE.format(rank=r)).exists() for r in range(config.nproc)):
         return
     raise ParallelError(_why_it_stopped(job_dir, config, code))
 

@@ -70,7 +70,10 @@ def main(job_dir: str) -> int:
         # Out at once: tearing the process group down would wait for peers that are
         # waiting in a collective for this process. torchrun sees the exit and stops them.
         os._exit(1)
-    leave()
+    try:
+        leave()
+    except Exception:  # noqa: BLE001 - the work is done and written; a peer that left first can fail the teardown
+        traceback.print_exc()
     return 0
 
 
