@@ -76,16 +76,20 @@ class Sharded(Distributed):
         return {"mesh": self.mesh, "mp_policy": mp, "offload_policy": offload}
 
     def wrap(self, student: nn.Module, projections: nn.ModuleDict, loss_probe: Callable[[], torch.Tensor]) -> Callable[..., Any]:
+        self.shard_(student, projections, shard_units(student, self.config.shard))
+        return student
+
+    def shard_(self, student: nn.Module, projections: nn.ModuleDict, units: list[str]) -> None:
+        """Make each of ``units`` a sharded unit, then the rest of the student, then each projection."""
         policies = self._policies()
-        self.units = shard_units(student, self.config.shard)
-        for name in self.units:
+        self.units = units
+        for name in units:
             fully_shard(student.get_submodule(name), **policies)
         fully_shard(student, **policies)
         for p in projections.values():
             # Used by the loss outside the student's forward: each gathers its own weights.
             fully_shard(p, **policies)
         self.sharded = [student, *projections.values()]
-        return student
 
     def accumulating(self, last: bool) -> ContextManager[None]:
         # Gradients of the micro-batches before the last are kept unsharded and summed

@@ -16,7 +16,6 @@ from typing import Any
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from slimkit.distill.attention import HEAD_COUNT_ATTRIBUTES
@@ -145,11 +144,5 @@ class ShardedTensorParallel(Sharded):
 
     def wrap(self, student: nn.Module, projections: nn.ModuleDict, loss_probe: Callable[[], torch.Tensor]) -> Callable[..., Any]:
         self.blocks = parallelize_blocks(student, self.mesh2d["tp"])
-        policies = self._policies()
-        for name in self.blocks:
-            fully_shard(student.get_submodule(name), **policies)
-        fully_shard(student, **policies)
-        for p in projections.values():
-            fully_shard(p, **policies)
-        self.sharded = [student, *projections.values()]
+        self.shard_(student, projections, self.blocks)  # each block's TP shards, sharded again across groups
         return student
