@@ -123,7 +123,7 @@ def _advise(recipe: Recipe, args: argparse.Namespace, module, inputs):
         raise ConfigError(f"--batch {batch}: give a batch of 1 or more examples")
     footprint = measure_footprint(module, inputs, examples=1, description=recipe.spec.model)
     advice = advise(footprint, args.devices, memory, batch, optimizer=getattr(training, "optimizer", "adamw"),
-                    mixed_precision=recipe.spec.parallel.mixed_precision)
+                    mixed_precision=recipe.spec.parallel.mixed_precision, tp_degree=recipe.spec.parallel.tp_degree)
     print()
     print(render(advice))
     return advice

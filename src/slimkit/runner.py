@@ -180,7 +180,9 @@ def apply_stages(model: LoadedModel, configs: list[SlimConfig], workdir: Path, c
                 raise ConfigError(f"{cfg.kind}: parallel workers build the task's data; run the stage in a recipe")
             from slimkit.parallel.stage_job import train_in_workers
 
-            current, record = train_in_workers(cfg, current, workdir / f"stage{i}.job", context.parallel,
+            # Beside the checkpoints, which outlive a failed run: the workers' log stays there.
+            job = folder.with_name(f"{folder.name}.job") if folder else workdir / f"stage{i}.job"
+            current, record = train_in_workers(cfg, current, job, context.parallel,
                                                task=context.task, seq_len=context.seq_len, checkpoint_dir=folder,
                                                progress=context.progress, baseline=context.baseline, original=model,
                                                joined=context.joined)

@@ -85,3 +85,40 @@ def test_a_pipeline_stage_cannot_read_the_models_input_again(tmp_path):
     with pytest.raises(ParallelError, match=r"pipeline stage 1 \(from 'backbone.encoder.layer.1'\) reads the "
                                             r"model's input 'attention_mask' directly"):
         run_job(tmp_path, "text_job", ParallelConfig(strategy="pipeline", nproc=2))
+
+
+def test_tensor_parallel_refuses_terms_on_the_layers_it_splits():
+    from slimkit.distill import DistillConfig, LossTerm
+    from slimkit.parallel.tensor import refuse_split_terms
+
+    on = lambda name: DistillConfig(losses=[LossTerm(kind="hidden_mse", layers={name: name})])  # noqa: E731
+    with pytest.raises(ConfigError, match=r"splits the outputs of losses\[0\] \(hidden_mse\) on "
+                                          r"'backbone.encoder.layer.0.attention.self.query'"):
+        refuse_split_terms(on("backbone.encoder.layer.0.attention.self.query"), S.Encoder(), 2)
+    refuse_split_terms(on("backbone.encoder.layer.0"), S.Encoder(), 2)  # a block's output is whole
+
+
+def test_a_pipeline_refuses_inner_terms_bf16_and_a_wrong_number_of_split_points():
+    from slimkit.distill import DistillConfig, LossTerm
+    from slimkit.parallel.pipeline import PipelineParallel
+
+    world = World(0, 2, 0, torch.device("cpu"), "gloo")
+    pipe = PipelineParallel(world, ParallelConfig(strategy="pipeline", nproc=2))
+    with pytest.raises(ConfigError, match=r"losses\[0\] \(hidden_mse\) read inner layers"):
+        pipe.check_training(DistillConfig(losses=[LossTerm(kind="hidden_mse", layers={"head": "head"})]), S.Classifier())
+    with pytest.raises(ConfigError, match="bf16: the pipeline's stages run in float32"):
+        pipe.check_training(DistillConfig(losses=[LossTerm(kind="hard_ce")], bf16=True), S.Classifier())
+    # nproc said 3 stages, the launch has 2 processes.
+    pipe = PipelineParallel(world, ParallelConfig(strategy="pipeline", nproc=3, split_points=["layers.1", "head"]))
+    with pytest.raises(ConfigError, match=r"2 processes make 2 stages, which need 1 split point\(s\), not 2"):
+        pipe.check_training(DistillConfig(losses=[LossTerm(kind="hard_ce")]), S.Classifier())
+
+
+def test_balanced_split_points_minimise_the_slowest_stage():
+    from slimkit.parallel.pipeline import balanced_split
+
+    assert balanced_split([1, 1, 1, 1], 2) == [2]
+    assert balanced_split([5, 1, 1, 1, 1, 1], 2) == [1]
+    assert balanced_split([1, 2, 3, 4, 5], 3) == [3, 4]  # 6 | 4 | 5
+    with pytest.raises(ConfigError, match="3 stages but only 2 blocks"):
+        balanced_split([1, 1], 3)

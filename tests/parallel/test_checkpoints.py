@@ -82,3 +82,16 @@ def test_a_killed_pipeline_resumes_to_the_uninterrupted_parameters(tmp_path):
     with pytest.raises(SlimkitError, match=r"written by a pipeline cut at \['layers.1'\], and this run is a "
                                            "strategy without a pipeline"):
         S.run_classifier(checkpoint_dir=saved, checkpoint_every=1)
+
+
+def test_zero1_processes_write_their_own_optimizer_partition(tmp_path):
+    zero1 = ParallelConfig(strategy="ddp", nproc=2, zero1=True)
+    with pytest.raises(ParallelError, match=KILLED):
+        run_job(tmp_path / "killed", "checkpoint_job", zero1, kill=2)
+    saved = shutil.copytree(tmp_path / "killed" / "ckpt", tmp_path / "saved")
+    run_job(tmp_path / "killed", "checkpoint_job", zero1)
+    uninterrupted = run_job(tmp_path / "whole", "checkpoint_job", zero1)
+    assert worst(load_file(str(tmp_path / "killed" / "final.safetensors")),
+                 load_file(str(uninterrupted / "final.safetensors"))) <= 1e-6
+    # The two partitions together are the whole optimizer: one process resumes from them.
+    assert worst(S.run_classifier(checkpoint_dir=saved, checkpoint_every=1), S.run_classifier()) <= 1e-5

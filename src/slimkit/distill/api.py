@@ -46,6 +46,8 @@ def distill(
             :class:`slimkit.prune.magnitude.GradualPruner` raising the sparsity on schedule.
         strategy: how this process takes part in parallel training (a strategy of
             :mod:`slimkit.parallel`, in a worker it launched); one process by default.
+            Under a strategy ``on_step`` sees this process's student: sharded (fsdp,
+            tp) or holding one stage (pipeline).
 
     Returns:
         The losses per step, the evaluations, the best one and whether it stopped early.

@@ -29,6 +29,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import _init_optim_state
+from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from slimkit.atomic import atomic_dir
@@ -43,13 +44,14 @@ OPTIMIZER = "optimizer.{rank}.json"  # each process's optimizer settings (a pipe
 
 
 def _optimizer_state(opt: torch.optim.Optimizer) -> dict[str, Any]:
-    # A ZeRO-1 optimizer holds its partition only; its whole state is gathered first.
-    consolidate = getattr(opt, "consolidate_state_dict", None)
-    if consolidate is None:
+    if not isinstance(opt, ZeroRedundancyOptimizer):
         return opt.state_dict()
-    from slimkit.parallel.ddp import consolidated_optimizer_state
-
-    return consolidated_optimizer_state(opt)
+    # A ZeRO-1 process holds its partition's state only: it writes that, numbered as the
+    # whole optimizer numbers its parameters, so any partition reads it back.
+    index = opt._param_to_index
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [index[p] for p in g["params"]]}
+              for g in opt.param_groups]
+    return {"state": {index[p]: s for p, s in opt.optim.state.items()}, "param_groups": groups}
 
 
 def _flat_optimizer(opt: torch.optim.Optimizer, to_cpu: bool = True, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -165,14 +167,15 @@ def _templates(trainable: torch.nn.Module, opt: torch.optim.Optimizer, strategy:
     return out
 
 
-def _read_sharded(folder: Path, templates: dict[str, torch.Tensor], rank: int, stage_state: bool = False) -> dict[str, torch.Tensor]:
+def _read_sharded(folder: Path, templates: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
     path = str(folder / SHARDED)
     saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
     wanted = {k: torch.empty_like(v) for k, v in templates.items() if k in saved}
     # Optimizer state exists only for parameters that have had a gradient, and best
-    # weights only after an evaluation; every weight of the model must be there, and a
-    # pipeline stage's optimizer state (saved under the stage's own numbering).
-    missing = [k for k in templates if k not in saved and (k.startswith("model.") or (stage_state and k.startswith("optim.")))]
+    # weights only after an evaluation; every weight of the model must be there. (A
+    # pipeline's stages number their optimizer state each on its own: the layout check
+    # before this makes sure the cut is the same.)
+    missing = [k for k in templates if k not in saved and k.startswith("model.")]
     # A DTensor's shape is the whole tensor's, as the checkpoint records it.
     resized = [f"{k} is {list(saved[k].size)} there, {list(v.shape)} here" for k, v in wanted.items()
                if list(getattr(saved[k], "size", v.shape)) != list(v.shape)]
@@ -212,7 +215,7 @@ def load_checkpoint(folder: Path, trainable: torch.nn.Module, opt: torch.optim.O
                                f"{says(layout)}; resume with the same pipeline settings, or delete the folder to start over")
         if (folder / SHARDED).is_dir():
             rank = strategy.rank if distributed else 0
-            tensors = _read_sharded(folder, _templates(trainable, opt, strategy), rank, strategy is not None and strategy.pipelined)
+            tensors = _read_sharded(folder, _templates(trainable, opt, strategy), rank)
             own = folder / OPTIMIZER.format(rank=rank)
             if own.is_file() and distributed:
                 meta["optimizer"] = json.loads(own.read_text())

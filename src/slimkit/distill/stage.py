@@ -251,6 +251,8 @@ def run_distill_stage(current: LoadedModel, config: DistillStageConfig, train_te
 
         before = evaluate(student.module)
     data = text_data(teacher.tokenizer, train, config.max_len)
+    # Counted before training: a pipeline stage holds its own layers only afterwards.
+    parameters = {"teacher": _count(teacher.module), "student": _count(student.module)}
     started = time.perf_counter()
     result = distill(teacher.module, student.module, data, config.training_config(), evaluate=evaluate,
                      checkpoint_dir=checkpoint_dir, device=device, progress=progress, strategy=strategy)
@@ -261,7 +263,7 @@ def run_distill_stage(current: LoadedModel, config: DistillStageConfig, train_te
         "steps": result.steps, "seconds": result.seconds, "wall_seconds": time.perf_counter() - started,
         "stopped_early": result.stopped_early, "best": result.best, "before": before,
         "history": _thin(result.history), "evals": result.evals,
-        "parameters": {"teacher": _count(teacher.module), "student": _count(student.module)},
+        "parameters": parameters,
     }
     return student, record
 

@@ -213,6 +213,7 @@ class Distiller:
         self.strategy = strategy or Single(device)
         self.device = self.strategy.device
         self.strategy.check_batch(config.batch_size, len(data))
+        self.strategy.check_training(config, student)
         self.teacher = teacher.to(self.device).eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
@@ -508,7 +509,8 @@ class Distiller:
                 if self.checkpoint_dir and ((c.checkpoint_every and step % c.checkpoint_every == 0) or (not c.checkpoint_every and end_of_epoch) or step == self.total_steps or loop["stopped_early"]):
                     save_checkpoint(self.checkpoint_dir, self.trainable, self.opt, loop, best_weights, self.strategy)
         if best_weights is not None:
-            self.trainable.load_state_dict(best_weights)
+            # A pipeline stage's best weights are its own layers'.
+            self.trainable.load_state_dict(best_weights, strict=not self.strategy.pipelined)
         self.student.eval()
         return DistillResult(loop["step"], loop["history"], loop["evals"], loop["best"], loop["stopped_early"],
                              loop.get("seconds", 0.0))
@@ -572,8 +574,8 @@ class Distiller:
         c = self.config
         self.student.eval()
         with torch.no_grad():
-            # Computed once and shared where the model is whole on every process, on every
-            # process where it is sharded; all of them then take the same decisions.
+            # Computed once where the model is whole on every process, on every process
+            # where it is sharded; the main process's result is the one all act on.
             metrics = self.strategy.agree(lambda: {k: float(v) for k, v in self.evaluate(self.student).items()})
         loop["evals"].append({"step": step, "epoch": epoch, **metrics})
         es = c.early_stopping

@@ -219,8 +219,8 @@ def advise(footprint: ModelFootprint, devices: int, device_memory: float, batch:
         mixed_precision: ``bf16`` gathers FSDP parameters in bf16. Activations are the
             footprint's own: measured as profiled, or in the formula's
             ``activation_bytes`` (2 for bf16 training).
-        tp_degree: the tensor-parallel degree of ``fsdp+tp`` (default: 2, or the largest
-            power of two dividing the devices up to 8).
+        tp_degree: the tensor-parallel degree of ``fsdp+tp`` (default: the largest of 8,
+            4 and 2 that divides the devices and leaves at least two groups).
         headroom: the share of memory left for the allocator and the runtime.
     """
     opt_bytes = OPTIMIZER_BYTES[optimizer]

@@ -6,8 +6,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-STRATEGIES = ("none", "ddp", "fsdp", "tp", "fsdp+tp", "pipeline")
-
 
 class ParallelConfig(BaseModel):
     """How the training stages of a recipe (``train``, ``distill``) run across processes.
@@ -26,9 +24,10 @@ class ParallelConfig(BaseModel):
             ``tp_degree`` processes) or ``pipeline`` (``torch.distributed.pipelining``:
             the model cut into ``nproc`` consecutive stages, one per process, each
             micro-batch flowing through them).
-        nproc: processes on this host, one per device (per core group on CPU). Ignored
-            when the command already runs inside a launch (torchrun, Slurm), whose
-            world size is used.
+        nproc: processes on this host, one per device (per core group on CPU). When the
+            command already runs inside a launch (torchrun, Slurm) the launch's world
+            size is used; ``split_points`` and ``tp_degree`` are checked against it again
+            when training starts.
         tp_degree: processes that split each layer under ``fsdp+tp`` (default 2); under
             ``tp`` it is ``nproc``. It must divide every split layer's head count.
         zero1: under ``ddp``, shard the optimizer state across processes (ZeRO stage 1,
@@ -76,15 +75,17 @@ class ParallelConfig(BaseModel):
     def _fits_the_strategy(self) -> ParallelConfig:
         s = self.strategy
         if s == "none" and self.nproc > 1:
-            raise ValueError(f"nproc: {self.nproc} processes need a strategy; set strategy: ddp, fsdp, tp or fsdp+tp")
+            raise ValueError(f"nproc: {self.nproc} processes need a strategy; set strategy: ddp, fsdp, pipeline, tp "
+                             "or fsdp+tp")
         if self.zero1 and s != "ddp":
             raise ValueError(f"zero1 shards the optimizer state of ddp; {s} {'shards it already' if 'fsdp' in s else 'does not use it'}")
         if self.mixed_precision != "fp32" and "fsdp" not in s:
             raise ValueError(f"mixed_precision applies to fsdp and fsdp+tp; under {s} use the stage's bf16: true")
         if self.cpu_offload and s != "fsdp":
             raise ValueError("cpu_offload applies to strategy: fsdp")
-        if self.shard != "auto" and "fsdp" not in s:
-            raise ValueError(f"shard names FSDP units; strategy {s} does not shard")
+        if self.shard != "auto" and s != "fsdp":
+            raise ValueError(f"shard names FSDP units under strategy: fsdp ({s} shards "
+                             f"{'its tensor-parallel blocks' if s == 'fsdp+tp' else 'nothing'})")
         changed = [k for k, default in (("schedule", "1f1b"), ("microbatches", None), ("split_points", "balanced"))
                    if getattr(self, k) != default]
         if s != "pipeline" and changed:

@@ -19,7 +19,6 @@ from contextlib import AbstractContextManager as ContextManager
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
@@ -87,11 +86,3 @@ class DataParallel(Distributed):
 
     def accumulating(self, last: bool) -> ContextManager[None]:
         return super().accumulating(last) if last else self.ddp.no_sync()
-
-
-def consolidated_optimizer_state(opt: torch.optim.Optimizer) -> dict[str, Any]:
-    """A ZeRO-1 optimizer's whole state on every process (each holds only its partition)."""
-    opt.consolidate_state_dict(to=0)
-    box = [opt.state_dict() if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]

@@ -45,9 +45,10 @@ class Distributed(Single):
         return (t / self.size).tolist()
 
     def agree(self, compute: Callable[[], Any]) -> Any:
-        if self.evaluate_everywhere:
-            return compute()
-        return self.from_main(compute() if self.main else None)
+        # Where every process must compute (a sharded forward), the main process's result
+        # still decides: a last-bit difference must not let one process stop alone.
+        result = compute() if self.evaluate_everywhere or self.main else None
+        return self.from_main(result)
 
     def from_main(self, value: Any) -> Any:
         box = [value if self.main else None]

@@ -82,7 +82,6 @@ class Sharded(Distributed):
     def shard_(self, student: nn.Module, projections: nn.ModuleDict, units: list[str]) -> None:
         """Make each of ``units`` a sharded unit, then the rest of the student, then each projection."""
         policies = self._policies()
-        self.units = units
         for name in units:
             fully_shard(student.get_submodule(name), **policies)
         fully_shard(student, **policies)

@@ -9,12 +9,16 @@ written once.
 
 from __future__ import annotations
 
+import os
+import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from slimkit.errors import SlimkitError
 from slimkit.parallel.config import ParallelConfig
 from slimkit.parallel.world import join, leave
 
@@ -37,9 +41,19 @@ class JoinedLaunch:
         from slimkit.parallel.stage_job import train_stage
         from slimkit.parallel.strategies import make_strategy
 
-        strategy = make_strategy(self.world, self.config)
-        train_stage(strategy, Path(job["job_dir"]), **job["args"])
-        strategy.barrier()
+        try:
+            strategy = make_strategy(self.world, self.config)
+            train_stage(strategy, Path(job["job_dir"]), **job["args"])
+            strategy.barrier()
+        except BaseException as e:  # noqa: BLE001 - said, then the process leaves at once
+            message = str(e) if isinstance(e, SlimkitError) else f"{type(e).__name__}: {e}"
+            print(f"slimkit: error: rank {self.world.rank}: {message}", file=sys.stderr, flush=True)
+            traceback.print_exc()
+            sys.stderr.flush()
+            # The other processes wait in a collective for this one: tearing down or
+            # returning would leave them there until the timeout. The launcher sees the
+            # exit and stops them.
+            os._exit(2)
 
     def run(self, job_dir: Path, args: dict[str, Any]) -> None:
         """On rank 0: every process trains the job in ``job_dir``."""

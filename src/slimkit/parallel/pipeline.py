@@ -66,6 +66,8 @@ def balanced_split(costs: list[float], stages: int) -> list[int]:
 
 
 def _forward_times(model: nn.Module, units: list[str], inputs: dict[str, torch.Tensor], repeats: int = 3) -> list[float]:
+    """Seconds each of ``units`` spends in ``repeats`` forwards of ``model`` (in eval mode:
+    timing must not move batch-norm statistics)."""
     spent = dict.fromkeys(units, 0.0)
     started: dict[str, float] = {}
     handles = []
@@ -74,11 +76,14 @@ def _forward_times(model: nn.Module, units: list[str], inputs: dict[str, torch.T
         handles.append(m.register_forward_pre_hook(lambda _m, _a, n=name: started.__setitem__(n, time.perf_counter())))
         handles.append(m.register_forward_hook(
             lambda _m, _a, _o, n=name: spent.__setitem__(n, spent[n] + time.perf_counter() - started[n])))
+    was = model.training
+    model.eval()
     try:
         with torch.no_grad():
             for _ in range(repeats):
                 model(**inputs)
     finally:
+        model.train(was)
         for h in handles:
             h.remove()
     return [spent[n] for n in units]
@@ -131,13 +136,21 @@ class PipelineParallel(Distributed):
         # Every process measured; the main process's split is the one all use.
         return self.from_main([units[i] for i in balanced_split(costs, self.size)])
 
-    def build(self, distiller: Any) -> None:
-        """Trace ``distiller``'s student and keep this process's stage."""
-        layered = [f"losses[{i}] ({t.kind})" for i, t in enumerate(distiller.config.losses) if t.layers]
+    def check_training(self, config: Any, student: nn.Module) -> None:
+        layered = [f"losses[{i}] ({t.kind})" for i, t in enumerate(config.losses) if t.layers]
         if layered:
             raise ConfigError(f"parallel.strategy: pipeline computes the loss on the last stage from the student's "
                               f"output; {', '.join(layered)} read inner layers that live on other processes; use "
                               "output terms (hard_ce, soft_kl, output_mse, output_cosine) or another strategy")
+        if config.bf16:
+            raise ConfigError("bf16: the pipeline's stages run in float32; remove bf16 from the stage, or use "
+                              "fsdp with mixed_precision: bf16")
+        if isinstance(self.config.split_points, list) and len(self.config.split_points) != self.size - 1:
+            raise ConfigError(f"parallel.split_points: {self.size} processes make {self.size} stages, which need "
+                              f"{self.size - 1} split point(s), not {len(self.config.split_points)}")
+
+    def build(self, distiller: Any) -> None:
+        """Trace ``distiller``'s student and keep this process's stage."""
         self.distiller = distiller
         self.mb = math.ceil(distiller.config.batch_size / self.microbatches)
         idx = torch.arange(self.mb) % len(distiller.data)
@@ -146,20 +159,19 @@ class PipelineParallel(Distributed):
         # Stages send activations as contiguous tensors: with channels-last weights (the
         # train stage's choice for CPU convolutions) every activation would be strided.
         student.to(memory_format=torch.contiguous_format)
-        was = student.training
-        student.eval()
         names = self.split_points(student, example)
         known = {n for n, _ in student.named_modules()}
         unknown = [n for n in names if n not in known]
         if unknown:
             raise ConfigError(f"split_points: the model has no module {unknown[0]!r}")
+        # Traced as it trains: the export fixes dropout and batch-norm behaviour.
+        student.train()
         try:
             pipe = pipeline(student, mb_args=(), mb_kwargs=example,
                             split_spec={n: SplitPoint.BEGINNING for n in names})
         except Exception as e:  # noqa: BLE001 - tracing fails in many ways; the message names the model's part
             raise ConfigError(f"parallel.strategy: pipeline could not trace the model to cut it at {names} "
                               f"({type(e).__name__}: {str(e).splitlines()[0]}); use ddp or fsdp") from None
-        student.train(was)
         _refuse_root_inputs_after_the_first_stage(pipe, names)
         if pipe.num_stages != self.size:
             raise ConfigError(f"split_points {names} cut the model into {pipe.num_stages} stages, not {self.size} "
@@ -169,7 +181,6 @@ class PipelineParallel(Distributed):
         except Exception as e:  # noqa: BLE001
             raise ConfigError(f"parallel.strategy: pipeline stage {self.rank} cannot be built: "
                               f"{str(e).splitlines()[0]}") from None
-        self.split = names
         # A checkpoint of this pipeline numbers each stage's optimizer state on its own: it
         # resumes with the same cut only.
         self.layout = {"pipeline": names}

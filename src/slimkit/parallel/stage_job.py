@@ -58,6 +58,8 @@ def train_in_workers(config: SlimConfig, current: LoadedModel, job_dir: Path, pa
         joined.run(job_dir, args)
     trained = serialize.load(job_dir / TRAINED)
     trained.example_inputs = current.example_inputs
+    # A checkpoint stage before this one goes on checkpointing later training stages.
+    reapply_checkpointing_(trained.module, args["checkpointing"])
     record = json.loads((job_dir / RECORD).read_text())
     shutil.rmtree(job_dir, ignore_errors=True)
     return trained, {**record, "parallel": parallel.model_dump(mode="json")}

@@ -58,6 +58,9 @@ class Single:
     def check_batch(self, batch_size: int, n_examples: int) -> None:
         """Refuse a batch that cannot give every data-parallel process an example."""
 
+    def check_training(self, config: Any, student: nn.Module) -> None:
+        """Refuse loss terms or settings the strategy cannot compute as one process would."""
+
     # -- model --------------------------------------------------------------------------
     def wrap(self, student: nn.Module, projections: nn.ModuleDict, loss_probe: Callable[[], torch.Tensor]) -> Callable[..., Any]:
         """Prepare the student (and the loss's projections) for training; return the callable
@@ -83,7 +86,8 @@ class Single:
 
     # -- agreement ----------------------------------------------------------------------
     def mean(self, values: list[float]) -> list[float]:
-        """``values`` averaged over the data-parallel processes (losses for the history)."""
+        """``values`` averaged over every process (the loss history: each process holds its
+        weighted share, or all hold the same)."""
         return values
 
     def agree(self, compute: Callable[[], Any]) -> Any:

@@ -105,6 +105,24 @@ def parallelize_blocks(model: nn.Module, mesh: DeviceMesh) -> list[str]:
     return list(planned)
 
 
+def split_outputs(model: nn.Module, degree: int) -> list[str]:
+    """The modules whose outputs tensor parallel leaves split across processes: each
+    block's attention (its projections, scores and context) and first MLP layer."""
+    return [f"{block}.{name}" for block, (plan, _) in tensor_plan(model, degree).items()
+            for name in (plan["attention"], plan["mlp"][0])]
+
+
+def refuse_split_terms(config: Any, student: nn.Module, degree: int) -> None:
+    """Loss terms reading a split layer would see one process's slice of it."""
+    prefixes = split_outputs(student, degree)
+    bad = [f"losses[{i}] ({t.kind}) on {s!r}" for i, t in enumerate(config.losses) for s in t.layers
+           if any(s == p or s.startswith(p + ".") for p in prefixes)]
+    if bad:
+        raise ConfigError(f"parallel.strategy: tensor parallel splits the outputs of {', '.join(bad)} across processes; "
+                          "map layers whose outputs are whole (a block's output, such as "
+                          f"{next(iter(tensor_plan(student, degree)))!r}), or use ddp or fsdp")
+
+
 class TensorParallel(Distributed):
     """``strategy: tp``: every process sees the whole batch and computes a slice of each block."""
 
@@ -116,8 +134,11 @@ class TensorParallel(Distributed):
         self.mesh = init_device_mesh(self.device.type, (world.size,))
         self.dp_rank, self.dp_size = 0, 1
 
+    def check_training(self, config: Any, student: nn.Module) -> None:
+        refuse_split_terms(config, student, self.size)
+
     def wrap(self, student: nn.Module, projections: nn.ModuleDict, loss_probe: Callable[[], torch.Tensor]) -> Callable[..., Any]:
-        self.blocks = parallelize_blocks(student, self.mesh)
+        parallelize_blocks(student, self.mesh)
         return student
 
     def optimizer(self, factory, params):
@@ -137,12 +158,18 @@ class ShardedTensorParallel(Sharded):
 
     def __init__(self, world: World, config: Any):
         tp = config.tensor_degree
+        if world.size % tp:
+            raise ConfigError(f"parallel.tp_degree: {world.size} processes do not split into groups of {tp}; "
+                              "choose a tp_degree dividing the number of processes")
         mesh = init_device_mesh(world.device.type, (world.size // tp, tp), mesh_dim_names=("dp", "tp"))
         super().__init__(world, config, mesh["dp"])
         self.mesh2d = mesh
         self.dp_rank, self.dp_size = mesh["dp"].get_local_rank(), mesh["dp"].size()
 
+    def check_training(self, config: Any, student: nn.Module) -> None:
+        refuse_split_terms(config, student, self.mesh2d["tp"].size())
+
     def wrap(self, student: nn.Module, projections: nn.ModuleDict, loss_probe: Callable[[], torch.Tensor]) -> Callable[..., Any]:
-        self.blocks = parallelize_blocks(student, self.mesh2d["tp"])
-        self.shard_(student, projections, self.blocks)  # each block's TP shards, sharded again across groups
+        blocks = parallelize_blocks(student, self.mesh2d["tp"])
+        self.shard_(student, projections, blocks)  # each block's TP shards, sharded again across groups
         return student

@@ -83,6 +83,6 @@ def join(config: ParallelConfig) -> World:
 
 
 def leave() -> None:
-    """Destroy the default process group, if this process made one."""
+    """Destroy the default process group, if there is one."""
     if dist.is_initialized():
         dist.destroy_process_group()
