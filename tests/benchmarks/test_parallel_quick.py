@@ -21,7 +21,7 @@ def test_parallel_quick(tmp_path):
     assert doc["benchmark"] == "parallel" and doc["quick"] is True
     assert {"machine", "threads", "versions", "command", "git_commit"} <= set(doc)
     names = [t["name"] for t in doc["targets"]]
-    assert "fsdp_2_ranks_state_vs_one_process_bert_base" in names and "resumed_after_kill_vs_uninterrupted_max_abs_diff" in names
+    assert "fsdp_2_ranks_state_vs_one_process_bert_base" in names and "equal_to_one_process_pipeline_1f1b_max_abs_diff" in names
     assert all(t["met"] for t in doc["targets"]), [t for t in doc["targets"] if not t["met"]]
     assert [(r["strategy"], r["processes"]) for r in doc["strategies"]] == [
         ("none", 1), ("fsdp", 1), ("ddp", 2), ("ddp+zero1", 2), ("fsdp", 2), ("fsdp bf16", 2), ("tp", 2),
