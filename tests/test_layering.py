@@ -18,7 +18,8 @@ UPPER = ["slimkit.stages", "slimkit.serialize", "slimkit.recipe", "slimkit.runne
 # recorded stages) and nothing registered imports it.
 LOADERS = {"slimkit.measure.serve": "the serving process's entry point",
            "slimkit.memory.shared_weights": "load_shared maps a saved folder's weights",
-           "slimkit.parallel.stage_job": "parallel workers load the model they train and save it trained"}
+           "slimkit.parallel.stage_job": "parallel workers load the model they train and save it trained",
+           "slimkit.deploy.bundle": "bundles a saved model, and loads the one a verified bundle installs"}
 # Core primitives: what every technique stands on.
 CORE = ["slimkit.config", "slimkit.errors", "slimkit.registry", "slimkit.layers", "slimkit.zoo.loaded",
         "slimkit.zoo.models", "slimkit.quantize.api"]

@@ -1,4 +1,5 @@
-"""The ``slimkit`` command: ``run`` and ``validate`` a recipe, ``profile`` its model's memory."""
+"""The ``slimkit`` command: ``run`` and ``validate`` a recipe, ``profile`` its model's memory,
+and ``bundle`` a model for devices (keys, signed bundles, verifying and installing them)."""
 
 from __future__ import annotations
 
@@ -39,7 +40,31 @@ def main(argv: list[str] | None = None) -> int:
     p_prof.add_argument("--device-memory", metavar="SIZE", help="memory of one device, e.g. 80GiB (with --devices)")
     p_prof.add_argument("--batch", type=int, metavar="B",
                         help="global batch for the estimates (default: the first training stage's batch_size x grad_accum)")
+    p_bun = sub.add_parser("bundle", help="signed, versioned model bundles for devices")
+    bun = p_bun.add_subparsers(dest="action", required=True)
+    b_key = bun.add_parser("keygen", help="write a new Ed25519 signing key KEY and its public key KEY.pub")
+    b_key.add_argument("key")
+    b_new = bun.add_parser("create", help="bundle a run folder's (or a saved model's) model, signed")
+    b_new.add_argument("folder")
+    b_new.add_argument("--key", required=True, help="the private signing key")
+    b_new.add_argument("--version", required=True, help="the model's version, e.g. 1.4.0")
+    b_new.add_argument("--output", "-o", required=True, help="the bundle file to write")
+    b_new.add_argument("--name", help="the model's name (default: the folder's)")
+    b_new.add_argument("--target", help="the device profile the model is built for")
+    b_chk = bun.add_parser("verify", help="check a bundle's signature, files and version")
+    b_chk.add_argument("bundle")
+    b_chk.add_argument("--key", required=True, help="the signer's public key")
+    b_chk.add_argument("--installed", help="the version installed now: an older or equal bundle is refused")
+    b_ins = bun.add_parser("install", help="verify a bundle and install its model into a folder")
+    b_ins.add_argument("bundle")
+    b_ins.add_argument("dest")
+    b_ins.add_argument("--key", required=True, help="the signer's public key")
     args, extra = parser.parse_known_args(argv)
+    if args.command == "bundle":
+        # Bundles are made of models and run folders, not recipes: nothing to parse first.
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        return _bundle(args)
     # Overrides may also follow the options (`run R -o out a.b=1`), where argparse leaves them.
     unknown = [a for a in extra if a.startswith("-") or "=" not in a]
     if unknown:
@@ -64,6 +89,30 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"run folder: {out}")
     print(f"report:     {out / 'report.html'}")
+    return 0
+
+
+def _bundle(args: argparse.Namespace) -> int:
+    from slimkit.deploy import bundle
+
+    try:
+        if args.action == "keygen":
+            private, public = bundle.generate_key(args.key)
+            print(f"private key: {private} (keep it secret)")
+            print(f"public key:  {public} (give it to the devices)")
+        elif args.action == "create":
+            m = bundle.create_bundle(args.folder, args.key, args.output, args.version, args.name, args.target)
+            print(f"bundle: {args.output} ({m['model']['name']} {m['model']['version']}, {len(m['files'])} files, "
+                  f"signer {m['signer'][:16]}...)")
+        elif args.action == "verify":
+            m = bundle.verify_bundle(args.bundle, args.key, args.installed)
+            print(f"{args.bundle}: verified ({m['model']['name']} {m['model']['version']}, {len(m['files'])} files)")
+        else:
+            m = bundle.install_bundle(args.bundle, args.key, args.dest)
+            print(f"installed {m['model']['name']} {m['model']['version']} into {args.dest}")
+    except SlimkitError as e:
+        print(f"slimkit: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
