@@ -60,3 +60,18 @@ def test_outputs_do_not_depend_on_the_fusion():
     ref = ref * np.linspace(0.5, 1.5, HIDDEN) + np.linspace(-0.1, 0.1, HIDDEN)
     np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5)
     np.testing.assert_allclose(ours, plain, rtol=0, atol=1e-5)
+
+
+def test_a_device_whose_provider_is_not_installed_is_an_error_naming_those_that_are():
+    import onnxruntime as ort
+
+    from slimkit.deploy.ort_runtime import providers
+    from slimkit.errors import SlimkitError
+
+    assert providers("cpu") == ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(SlimkitError, match=r"device 'cuda:0' needs ONNX Runtime's CUDAExecutionProvider, which "
+                                               r"this installation does not have \(it has .*CPUExecutionProvider"):
+            providers("cuda:0")
+    with pytest.raises(SlimkitError, match="ONNX Runtime devices are cpu, cuda, tensorrt, openvino"):
+        providers("npu")

@@ -1,13 +1,16 @@
 """Running an exported encoder with ONNX Runtime.
 
-This module imports neither torch nor the rest of slimkit, so that a process serving an
-ONNX variant carries only ONNX Runtime and numpy (what is measured for its memory).
+This module imports neither torch nor the rest of slimkit (its errors only), so that a
+process serving an ONNX variant carries only ONNX Runtime and numpy (what is measured
+for its memory).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import onnxruntime as ort
+
+from slimkit.errors import SlimkitError
 
 # Graph fusions ONNX Runtime would apply when it loads a model, left out on CPU because
 # they make it slower there (exported files keep the unfused form, so a GPU session
@@ -33,12 +36,36 @@ def session_options(threads: int, device: str = "cpu") -> ort.SessionOptions:
     return so
 
 
+# What each device asks of ONNX Runtime, in order of preference; the CPU provider runs
+# whatever a device provider does not.
+EXECUTION_PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+    "openvino": ["OpenVINOExecutionProvider", "CPUExecutionProvider"],
+}
+
+
 def providers(device: str = "cpu") -> list[str]:
-    """Execution providers for ``device``; CUDA falls back to CPU when unavailable."""
+    """ONNX Runtime's execution providers for ``device`` (``cpu``, ``cuda`` or ``cuda:N``,
+    ``tensorrt``, ``openvino``).
+
+    Raises:
+        SlimkitError: the device is unknown, or its provider is not in this ONNX Runtime
+            (the message lists the ones that are): asking for a GPU and measuring on the
+            CPU without a word would be a wrong result, not a fallback.
+    """
+    kind = device.split(":")[0]
+    if kind not in EXECUTION_PROVIDERS:
+        raise SlimkitError(f"device {device!r}: ONNX Runtime devices are {', '.join(EXECUTION_PROVIDERS)}")
+    wanted = EXECUTION_PROVIDERS[kind]
     available = ort.get_available_providers()
-    if device.startswith("cuda") and "CUDAExecutionProvider" in available:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
+    if wanted[0] not in available:
+        package = {"cuda": "onnxruntime-gpu", "tensorrt": "onnxruntime-gpu (with TensorRT)",
+                   "openvino": "onnxruntime-openvino"}.get(kind, "onnxruntime")
+        raise SlimkitError(f"device {device!r} needs ONNX Runtime's {wanted[0]}, which this installation does not "
+                           f"have (it has {', '.join(available)}); install {package}, or measure on device cpu")
+    return [p for p in wanted if p in available]
 
 
 class OrtEncoder:
