@@ -25,6 +25,7 @@ EXPECTED = {
         "int8_weight_only",
         "low_precision",
         "ort_dynamic_int8",
+        "ort_fp16",
         "ort_static_int8",
         "qat_int8",
         "static_int8",

@@ -4,6 +4,7 @@ from slimkit.quantize.api import quantize_
 from slimkit.quantize.dynamic import DynamicInt8Config
 from slimkit.quantize.lowp import LowPrecisionConfig
 from slimkit.quantize.ort import OrtDynamicInt8Config, OrtStaticInt8Config
+from slimkit.quantize.ort_fp16 import OrtFp16Config
 from slimkit.quantize.qat import QATConfig, convert_qat_
 from slimkit.quantize.weight_only import Int4WeightOnlyConfig, Int8WeightOnlyConfig
 
@@ -14,6 +15,7 @@ __all__ = [
     "Int4WeightOnlyConfig",
     "LowPrecisionConfig",
     "OrtDynamicInt8Config",
+    "OrtFp16Config",
     "OrtStaticInt8Config",
     "QATConfig",
     "convert_qat_",
