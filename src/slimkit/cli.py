@@ -40,6 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     p_prof.add_argument("--device-memory", metavar="SIZE", help="memory of one device, e.g. 80GiB (with --devices)")
     p_prof.add_argument("--batch", type=int, metavar="B",
                         help="global batch for the estimates (default: the first training stage's batch_size x grad_accum)")
+    p_exp = sub.add_parser("export", help="export a model (or a run's) to ONNX at a precision, checked against PyTorch")
+    p_exp.add_argument("source", help="a run folder, a saved model folder, or a recipe's model: source")
+    p_exp.add_argument("--format", choices=["onnx"], default="onnx")
+    p_exp.add_argument("--precision", default="fp32", help="fp32, fp16, int8-dynamic or int8-static")
+    p_exp.add_argument("--output", "-o", required=True, help="the folder to write")
+    p_exp.add_argument("--recipe", help="a recipe whose task gives the inputs and calibration data")
+    p_exp.add_argument("--calibration-samples", type=int, default=128)
     p_bun = sub.add_parser("bundle", help="signed, versioned model bundles for devices")
     bun = p_bun.add_subparsers(dest="action", required=True)
     b_key = bun.add_parser("keygen", help="write a new Ed25519 signing key KEY and its public key KEY.pub")
@@ -60,11 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     b_ins.add_argument("dest")
     b_ins.add_argument("--key", required=True, help="the signer's public key")
     args, extra = parser.parse_known_args(argv)
-    if args.command == "bundle":
-        # Bundles are made of models and run folders, not recipes: nothing to parse first.
+    if args.command in ("bundle", "export"):
+        # Made of models and run folders, not recipes: nothing to parse first.
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        return _bundle(args)
+        return _bundle(args) if args.command == "bundle" else _export(args)
     # Overrides may also follow the options (`run R -o out a.b=1`), where argparse leaves them.
     unknown = [a for a in extra if a.startswith("-") or "=" not in a]
     if unknown:
@@ -89,6 +96,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"run folder: {out}")
     print(f"report:     {out / 'report.html'}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from slimkit.exporting import export_model
+
+    try:
+        if args.calibration_samples < 1:
+            from slimkit.errors import ConfigError
+
+            raise ConfigError(f"--calibration-samples {args.calibration_samples}: give 1 or more")
+        report = export_model(args.source, args.precision, args.output, args.recipe, args.calibration_samples)
+    except SlimkitError as e:
+        print(f"slimkit: error: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.output}: {report['precision']} ONNX, against PyTorch: max abs diff {report['max_abs_diff']:.3g}, "
+          f"cosine {report['cosine']:.6f}")
     return 0
 
 
