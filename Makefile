@@ -36,7 +36,7 @@ demo: install
 	$(BIN)/slimkit run recipes/minilm-int8-demo.yaml
 
 lint: install
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks examples
 
 test: install system lint
 	$(BIN)/pytest -q --durations=15
