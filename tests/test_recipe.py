@@ -346,3 +346,14 @@ def test_a_checkpoint_stage_needs_training_after_it_and_an_arena_no_export():
         {"checkpoint": {"budget": "40MiB"}}, {"train": {}}, {"arena": {"batch_buckets": [1, 8]}}]})
     assert [(c.kind, c.method) for c in ok.stages] == [("checkpoint", "activations"), ("train", "supervised"),
                                                        ("arena", "plan")]
+
+
+def test_unknown_device_profiles_are_refused_at_validation():
+    from slimkit.errors import ConfigError
+
+    raw = {"name": "r", "model": "minilm-l6", "stages": [{"quantize": {}}], "measure": {"devices": ["jetson-nano"]}}
+    with pytest.raises(ConfigError, match=r"measure.devices\[0\]: device profile 'jetson-nano': no such profile"):
+        Recipe.from_dict(raw)
+    raw["measure"] = {"devices": ["raspberry-pi-5"], "energy": False}
+    with pytest.raises(ConfigError, match="device estimates come from the energy count"):
+        Recipe.from_dict(raw)

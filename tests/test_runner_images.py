@@ -55,7 +55,8 @@ def recipe(folder) -> dict:
                 {"prune": {"method": "channels", "budget": {"macs": 0.7, "ratios": [0.5], "images": 24}}},
                 {"train": RECOVER}]},
         ],
-        "measure": {"batch_sizes": [1, 4], "rounds": 2, "iters": 2, "warmup": 1, "threads": 1},
+        "measure": {"batch_sizes": [1, 4], "rounds": 2, "iters": 2, "warmup": 1, "threads": 1,
+                    "devices": ["raspberry-pi-5"]},
     }
 
 
@@ -181,3 +182,13 @@ def test_the_arena_variant_is_served_from_its_planned_arena(run_folder):
     v = variants(run_folder)["arena"]
     assert v["accuracy"]["agreement"] == 1.0 and v["accuracy"]["top1_drop_pp"] == 0.0
     assert v["peak_rss_bytes"] > 0 and set(v["latency"]) == {"1", "4"}
+
+
+def test_each_variant_carries_its_estimate_on_the_named_device(run_folder):
+    v = variants(run_folder)
+    for name, variant in v.items():
+        (estimate,) = variant["energy"]["devices"]
+        assert estimate["device"] == "raspberry-pi-5" and estimate["estimate"] is True, name
+        assert estimate["latency_ms"] > 0 and estimate["energy_mj"] > 0
+    # The int8 variant computes most MACs at the Cortex-A76's int8 rate; the pruned one has fewer.
+    assert v["pruned-int8"]["energy"]["devices"][0]["latency_ms"] < v["fp32"]["energy"]["devices"][0]["latency_ms"]

@@ -67,6 +67,9 @@ class MeasureSpec(_Strict):
     memory: bool = True
     memory_profile: bool = True
     energy: bool = True
+    # Device profiles (shipped names or YAML files) each variant's latency and energy are
+    # estimated on, from its counted operations and bytes (see slimkit.deploy.devices).
+    devices: list[str] = Field(default_factory=list)
 
 
 class VariantSpec(_Strict):
@@ -141,6 +144,16 @@ class Recipe:
                     problems.append(f"compare[{i}].name: {v.get('name')!r} is used twice (fp32 is the baseline); give each variant its own name")
                 names.add(v.get("name"))
                 compare.append((v.get("name"), parse_stages(v.get("stages") or [], f"compare[{i}].stages", problems)))
+        if spec is not None:
+            from slimkit.deploy.devices import load_profile
+
+            for i, name in enumerate(spec.measure.devices):
+                try:
+                    load_profile(name)
+                except ConfigError as e:
+                    problems += [f"measure.devices[{i}]: {p}" for p in e.problems]
+            if spec.measure.devices and not spec.measure.energy:
+                problems.append("measure.devices: device estimates come from the energy count; set measure.energy: true")
         if spec is not None and spec.parallel.distributed:
             training = [c for c in prepare + stages + [c for _, cs in compare for c in cs] if c.kind in ("train", "distill")]
             if not training:

@@ -18,6 +18,7 @@ from slimkit import __version__, serialize
 from slimkit.atomic import atomic_dir, write_json, write_text
 from slimkit.compress.api import cluster_
 from slimkit.config import SlimConfig
+from slimkit.deploy.devices import estimates_for, load_profile
 from slimkit.deploy.export import export
 from slimkit.deploy.onnx_model import OnnxModel
 from slimkit.errors import ConfigError
@@ -420,7 +421,7 @@ def _run(recipe: Recipe, out_dir: Path, progress: bool, joined: Any) -> Path:
                 results[v.name].update(peak_rss(v.folder, one, m.threads))
                 bar.advance(step)
         if m.energy:
-            _energy(variants, workload, results, runners, feeds, device)
+            _energy(variants, workload, results, runners, feeds, device, [load_profile(d) for d in m.devices])
         profiled = None
         if m.memory_profile:
             step = bar.add_task("memory profile of the baseline", total=1)
@@ -466,7 +467,7 @@ def _remove_workdir(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _energy(variants, workload: Workload, results, runners, feeds, device) -> None:
+def _energy(variants, workload: Workload, results, runners, feeds, device, profiles=()) -> None:
     count_inputs = workload.count_inputs(feeds[min(feeds)])
     # Only the rows of the sequence's tokens are read from an embedding table.
     tokens = count_inputs[0].shape[1] if workload.kind == "text" else 0
@@ -493,6 +494,8 @@ def _energy(variants, workload: Workload, results, runners, feeds, device) -> No
         if measured is not None:  # per example, as the estimate is
             measured["mj_per_inference"] /= batch
         est["measured"] = measured
+        if profiles:
+            est["devices"] = estimates_for(est, profiles)  # labelled estimates, beside what was measured here
         results[v.name]["energy"] = est
 
 
