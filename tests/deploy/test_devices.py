@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from slimkit.deploy.devices import DeviceProfile, estimate_on, estimates_for, load_profile, profile_names
+from slimkit.deploy.devices import (
+    DeviceProfile,
+    estimate_on,
+    estimates_for,
+    load_profile,
+    profile_names,
+)
 from slimkit.errors import ConfigError
 
 
