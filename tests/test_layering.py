@@ -13,7 +13,8 @@ import slimkit
 
 SRC = Path(slimkit.__file__).parent
 # Modules that read names or run recipes: nothing below them may import them.
-UPPER = ["slimkit.stages", "slimkit.serialize", "slimkit.recipe", "slimkit.runner", "slimkit.exporting", "slimkit.cli"]
+UPPER = ["slimkit.stages", "slimkit.serialize", "slimkit.recipe", "slimkit.runner", "slimkit.exporting",
+         "slimkit.benching", "slimkit.cli"]
 # Below the stages, only these may import them: each loads a saved model (replaying its
 # recorded stages) and nothing registered imports it.
 LOADERS = {"slimkit.measure.serve": "the serving process's entry point",

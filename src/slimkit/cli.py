@@ -47,6 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     p_exp.add_argument("--output", "-o", required=True, help="the folder to write")
     p_exp.add_argument("--recipe", help="a recipe whose task gives the inputs and calibration data")
     p_exp.add_argument("--calibration-samples", type=int, default=128)
+    p_ben = sub.add_parser("bench", help="measure a model, or a run's variants, across backends, threads and batches")
+    p_ben.add_argument("source", help="a run folder, a saved model folder, or a recipe's model: source")
+    p_ben.add_argument("--backends", default="torch,ort", help="torch, ort or both (default torch,ort)")
+    p_ben.add_argument("--threads", default="1,2", help="thread counts, e.g. 1,2,4")
+    p_ben.add_argument("--batch-sizes", default="1,8", help="batch sizes, e.g. 1,8")
+    p_ben.add_argument("--recipe", help="a recipe whose task gives the inputs")
+    p_ben.add_argument("--rounds", type=int, default=5)
+    p_ben.add_argument("--json", metavar="OUT", help="also write the rows as JSON")
     p_bun = sub.add_parser("bundle", help="signed, versioned model bundles for devices")
     bun = p_bun.add_subparsers(dest="action", required=True)
     b_key = bun.add_parser("keygen", help="write a new Ed25519 signing key KEY and its public key KEY.pub")
@@ -67,11 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     b_ins.add_argument("dest")
     b_ins.add_argument("--key", required=True, help="the signer's public key")
     args, extra = parser.parse_known_args(argv)
-    if args.command in ("bundle", "export"):
+    if args.command in ("bundle", "export", "bench"):
         # Made of models and run folders, not recipes: nothing to parse first.
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        return _bundle(args) if args.command == "bundle" else _export(args)
+        return {"bundle": _bundle, "export": _export, "bench": _bench}[args.command](args)
     # Overrides may also follow the options (`run R -o out a.b=1`), where argparse leaves them.
     unknown = [a for a in extra if a.startswith("-") or "=" not in a]
     if unknown:
@@ -96,6 +104,36 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"run folder: {out}")
     print(f"report:     {out / 'report.html'}")
+    return 0
+
+
+def _numbers(text: str, flag: str) -> list[int]:
+    from slimkit.errors import ConfigError
+
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}: give numbers separated by commas, e.g. 1,2") from None
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from slimkit.atomic import write_json
+    from slimkit.benching import bench, table
+
+    try:
+        if args.rounds < 1:
+            from slimkit.errors import ConfigError
+
+            raise ConfigError(f"--rounds {args.rounds}: give 1 or more")
+        result = bench(args.source, _numbers(args.threads, "--threads"), _numbers(args.batch_sizes, "--batch-sizes"),
+                       [b for b in args.backends.split(",") if b], args.recipe, rounds=args.rounds)
+    except SlimkitError as e:
+        print(f"slimkit: error: {e}", file=sys.stderr)
+        return 2
+    print(table(result))
+    if args.json:
+        write_json(args.json, result)
+        print(f"rows:       {args.json}")
     return 0
 
 

@@ -1,0 +1,110 @@
+"""``slimkit bench``: a model, or every variant of a run, across backends, threads and batches.
+
+The foundation's harness measures all of it: interleaved rounds, warm-up, medians, ratios
+taken within a round against the first variant's first backend at the same thread count
+and batch. A PyTorch model is measured in eager PyTorch and, exported, under ONNX
+Runtime; an ONNX model under ONNX Runtime. The inputs are the task's (a run folder's
+recipe, ``--recipe``, or the offline sentence task for a text model).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from slimkit import serialize
+from slimkit.deploy.export import ExportConfig
+from slimkit.deploy.onnx_model import OnnxModel
+from slimkit.errors import ConfigError
+from slimkit.measure.latency import measure_latency
+from slimkit.measure.runners import make_runner
+
+BACKENDS = ("torch", "ort")
+
+
+def _models(source: str) -> tuple[dict[str, Any], Any]:
+    """Name -> model of ``source`` (a run folder's variants, or one model), and the run's recipe."""
+    from slimkit.recipe import Recipe
+
+    path = Path(source)
+    recipe = Recipe.from_file(path / "recipe.yaml") if (path / "recipe.yaml").is_file() else None
+    if (path / "variants").is_dir():
+        found = {p.name: serialize.load(p) for p in sorted((path / "variants").iterdir()) if (p / serialize.META).is_file()}
+        baseline = found.pop("fp32", None)  # the baseline first: ratios are to it
+        models = ({"fp32": baseline} if baseline is not None else {}) | found
+    elif (path / serialize.META).is_file():
+        models = {path.name: serialize.load(path)}
+    else:
+        models = {source: serialize.load_model(source)}
+    if not models:
+        raise ConfigError(f"{source}: no saved model or run variants to measure")
+    return models, recipe
+
+
+def bench(source: str, threads: list[int], batch_sizes: list[int], backends: list[str], recipe: str | None = None,
+          rounds: int = 5, iters: int = 10, warmup: int = 3) -> dict[str, Any]:
+    """Measure ``source`` at each thread count and batch size under each backend.
+
+    Returns:
+        ``{"rows": [{"variant", "backend", "threads", "batch", "median_ms", "p10_ms",
+        "p90_ms", "throughput_per_s", "ratio_to_reference"}], "reference", ...}``.
+    """
+    from slimkit.measure.workloads import workload_for
+    from slimkit.recipe import Recipe, TaskSpec
+    from slimkit.runner import StageContext, apply_stages
+
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown or not backends:
+        raise ConfigError(f"--backends {','.join(backends)}: choose among {', '.join(BACKENDS)}")
+    if not threads or min(threads) < 1 or not batch_sizes or min(batch_sizes) < 1:
+        raise ConfigError("--threads and --batch-sizes take positive numbers, e.g. --threads 1,2 --batch-sizes 1,8")
+    models, run_recipe = _models(source)
+    if recipe:
+        run_recipe = Recipe.from_file(recipe)
+    first = next(iter(models.values()))
+    task = run_recipe.spec.task if run_recipe is not None else (TaskSpec() if first.tokenizer is not None else None)
+    if task is None:
+        raise ConfigError(f"{source}: an image model needs its task's inputs; bench a run folder or give --recipe")
+    seq_len = run_recipe.spec.measure.seq_len if run_recipe is not None else 128
+    workload = workload_for(task, first, seq_len)
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="slimkit-bench-") as work:
+        variants: dict[str, Any] = {}
+        for name, model in models.items():
+            if isinstance(model, OnnxModel):
+                if "ort" in backends:
+                    variants[f"{name}/ort"] = model
+                continue
+            if workload.kind == "image":
+                model.example_inputs = (workload.example_input(),)
+            if "torch" in backends:
+                variants[f"{name}/torch"] = model
+            if "ort" in backends:
+                variants[f"{name}/ort"], _ = apply_stages(model, [ExportConfig()], Path(work) / name, StageContext(workload))
+        if not variants:
+            raise ConfigError(f"{source}: nothing to measure with backends {','.join(backends)}")
+        reference = next(iter(variants))
+        for t in threads:
+            runners = {n: make_runner(m, t) for n, m in variants.items()}
+            for b in batch_sizes:
+                inputs = tuple(workload.timing_feed(b).values())
+                calls = {n: (lambda r=r, x=inputs: r(*x)) for n, r in runners.items()}
+                for n, stats in measure_latency(calls, reference, b, rounds, iters, warmup).items():
+                    variant, backend = n.rsplit("/", 1)
+                    rows.append({"variant": variant, "backend": backend, "threads": t, "batch": b,
+                                 "median_ms": stats["median_ms"], "p10_ms": stats["p10_ms"], "p90_ms": stats["p90_ms"],
+                                 "throughput_per_s": stats["throughput_per_s"],
+                                 "ratio_to_reference": stats["ratio_to_baseline"]})
+    return {"source": source, "reference": reference, "rounds": rounds, "iters": iters, "warmup": warmup, "rows": rows}
+
+
+def table(result: dict[str, Any]) -> str:
+    """The rows as a fixed-width text table."""
+    head = f"{'variant':<24} {'backend':<7} {'threads':>7} {'batch':>5} {'median ms':>10} {'items/s':>10} {'ratio':>7}"
+    lines = [head, "-" * len(head)]
+    for r in result["rows"]:
+        lines.append(f"{r['variant'][:24]:<24} {r['backend']:<7} {r['threads']:>7} {r['batch']:>5} "
+                     f"{r['median_ms']:>10.3f} {r['throughput_per_s']:>10.1f} {r['ratio_to_reference']:>7.3f}")
+    lines.append(f"ratio: to {result['reference']} at the same threads and batch, within each round")
+    return "\n".join(lines)
