@@ -31,6 +31,12 @@ def made(tmp_path_factory):
     return root, key, pub, other_pub, manifest
 
 
+def test_the_private_key_is_readable_by_its_owner_only(made):
+    root = made[0]
+    assert (root / "signer").stat().st_mode & 0o777 == 0o600
+    assert b"PRIVATE KEY" in (root / "signer").read_bytes() and b"PUBLIC KEY" in (root / "signer.pub").read_bytes()
+
+
 def test_a_bundle_lists_every_file_with_its_hash_and_verifies(made):
     root, _, pub, _, manifest = made
     assert sorted(manifest["files"]) == ["metrics.json", "model.safetensors", "slimkit.json"]

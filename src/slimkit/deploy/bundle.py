@@ -24,6 +24,7 @@ import json
 import os
 import re
 import tarfile
+import tempfile
 from contextlib import nullcontext
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -64,9 +65,17 @@ def generate_key(path: str | os.PathLike) -> tuple[Path, Path]:
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
-    with atomic_path(private) as tmp:
-        tmp.write_bytes(pem)
-    private.chmod(0o600)
+    # Created readable by its owner only (mkstemp's mode), then moved into place: the
+    # secret is never on disk with wider permissions, nor half-written.
+    private.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{private.name}.", dir=private.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+        os.replace(tmp, private)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     write_bytes(public, key.public_key().public_bytes(serialization.Encoding.PEM,
                                                       serialization.PublicFormat.SubjectPublicKeyInfo))
     return private, public
