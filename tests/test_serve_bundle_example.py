@@ -11,12 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tiny_models import SPEC_MLP, inputs, mlp
+from tiny_models import inputs, signed_onnx_bundle
 
 from slimkit.deploy import bundle
-from slimkit.deploy.export import ExportConfig, export
-from slimkit.serialize import save
-from slimkit.zoo.models import LoadedModel
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "serve_bundle.py"
 
@@ -29,12 +26,7 @@ def example():
 
 
 def test_the_example_serves_a_verified_bundle(tmp_path):
-    module, example_inputs = mlp()
-    onnx = export(LoadedModel(module, dict(SPEC_MLP), example_inputs=example_inputs), ExportConfig(optimize="none"),
-                  workdir=tmp_path / "work")
-    save(onnx, tmp_path / "model")
-    key, pub = bundle.generate_key(tmp_path / "k")
-    bundle.create_bundle(tmp_path / "model", key, tmp_path / "m.slimkit", "1.0", name="mlp")
+    module, _, pub = signed_onnx_bundle(tmp_path)
     server = example().make_server(str(tmp_path / "m.slimkit"), str(pub), str(tmp_path / "device"))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

@@ -252,3 +252,21 @@ def write_image_folder(root, classes: int = 3, train: int = 40, test: int = 12, 
                 img[c * band:(c + 1) * band] += 0.6
                 Image.fromarray((img.clip(0, 1) * 255).astype(np.uint8), mode="L").save(folder / f"{i}.png")
     return root
+
+
+def signed_onnx_bundle(folder, version: str = "1.0", name: str = "mlp"):
+    """The :func:`mlp` exported to ONNX and saved in ``folder/model``, a signing key pair in
+    ``folder/k`` and ``folder/k.pub``, and its bundle ``folder/m.slimkit``: the module, the
+    manifest and the public key."""
+    from slimkit.deploy import bundle
+    from slimkit.deploy.export import ExportConfig, export
+    from slimkit.serialize import save
+    from slimkit.zoo.models import LoadedModel
+
+    module, example = mlp()
+    onnx = export(LoadedModel(module, dict(SPEC_MLP), example_inputs=example), ExportConfig(optimize="none"),
+                  workdir=folder / "work")
+    save(onnx, folder / "model")
+    key, pub = bundle.generate_key(folder / "k")
+    manifest = bundle.create_bundle(folder / "model", key, folder / "m.slimkit", version, name=name)
+    return module, manifest, pub

@@ -8,11 +8,10 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-from tiny_models import SPEC_MLP, inputs, mlp
+from tiny_models import SPEC_MLP, inputs, mlp, signed_onnx_bundle
 
 from slimkit.cli import main
 from slimkit.deploy import bundle as B
-from slimkit.deploy.export import ExportConfig, export
 from slimkit.deploy.ort_runtime import OrtRunner
 from slimkit.serialize import save
 from slimkit.zoo.models import LoadedModel
@@ -135,16 +134,11 @@ def test_a_verified_bundle_loads_and_answers_as_the_saved_model(made, tmp_path):
 
 
 def test_an_onnx_bundle_names_its_inputs_outputs_and_runtime(tmp_path):
-    module, example = mlp()
-    onnx_model = export(LoadedModel(module, dict(SPEC_MLP), example_inputs=example), ExportConfig(optimize="none"),
-                        workdir=tmp_path / "work")
-    save(onnx_model, tmp_path / "onnx")
-    key, pub = B.generate_key(tmp_path / "k")
-    manifest = B.create_bundle(tmp_path / "onnx", key, tmp_path / "o.slimkit", "2.0")
+    module, manifest, pub = signed_onnx_bundle(tmp_path, "2.0")
     assert manifest["runtime"]["framework"] == "onnx" and manifest["runtime"]["opset"] >= 17
     assert manifest["runtime"]["execution_provider"] == "CPUExecutionProvider"
     assert [i["name"] for i in manifest["io"]["inputs"]] and manifest["io"]["outputs"][0]["dtype"] == "float"
-    model = B.load_bundle(tmp_path / "o.slimkit", pub, tmp_path / "device")
+    model = B.load_bundle(tmp_path / "m.slimkit", pub, tmp_path / "device")
     x = inputs(2)
     np.testing.assert_allclose(OrtRunner(str(model.path))(x.numpy()), module(x).detach().numpy(), atol=1e-5)
 
