@@ -26,7 +26,7 @@ def made(tmp_path_factory):
     (root / "model" / "metrics.json").write_text(json.dumps({"variants": []}))
     key, pub = B.generate_key(root / "signer")
     other, other_pub = B.generate_key(root / "other")
-    manifest = B.create_bundle(root / "model", key, root / "m-1.2.0.slimkit", "1.2.0", name="mlp", target="rpi5")
+    manifest = B.create_bundle(root / "model", key, root / "m-1.2.0.slimkit", "1.2.0", name="mlp", target="raspberry-pi-5")
     return root, key, pub, other_pub, manifest
 
 
@@ -39,7 +39,7 @@ def test_the_private_key_is_readable_by_its_owner_only(made):
 def test_a_bundle_lists_every_file_with_its_hash_and_verifies(made):
     root, _, pub, _, manifest = made
     assert sorted(manifest["files"]) == ["metrics.json", "model.safetensors", "slimkit.json"]
-    assert manifest["model"] == {"name": "mlp", "version": "1.2.0"} and manifest["target"] == "rpi5"
+    assert manifest["model"] == {"name": "mlp", "version": "1.2.0"} and manifest["target"] == "raspberry-pi-5"
     assert manifest["runtime"]["framework"] == "torch" and len(manifest["signer"]) == 64
     assert B.verify_bundle(root / "m-1.2.0.slimkit", pub) == manifest
     with tarfile.open(root / "m-1.2.0.slimkit") as tar:

@@ -177,12 +177,17 @@ def create_bundle(folder: str | os.PathLike, key: str | os.PathLike, out: str | 
         out: the bundle file to write (atomically).
         version: the model's version, numbers with dots; a device installs only newer ones.
         name: the model's name (default: the folder's).
-        target: the device profile the model is built for, if any.
+        target: the device profile the model is built for (a shipped profile's name or a
+            profile YAML file; see :mod:`slimkit.deploy.devices`), if any.
     """
     from slimkit.serialize import read_meta
 
     folder = Path(folder)
     _version(version)
+    if target is not None:
+        from slimkit.deploy.devices import load_profile
+
+        target = load_profile(target).name  # a shipped profile's name, or the name in the user's file
     private = _read_key(key, private=True)
     meta = read_meta(folder)
     files = _payload_files(folder)
