@@ -9,9 +9,9 @@ inputs and outputs and what it needs to run (framework, ONNX Runtime version and
 execution provider), and the fingerprint of the key that signed it.
 
 Verifying checks, in order: the archive reads; it holds a manifest and a signature; the
-signature is the given key's over the manifest's exact bytes; every payload file is
-listed, present and has its hash (nothing more, nothing less); and, when a version is
-installed, the bundle's is newer. Installing writes the payload into place only once all
+signature is the given key's over the manifest's exact bytes; when a version is
+installed, the bundle's is newer; and every payload file is listed, present and has its
+hash (nothing more, nothing less). Installing writes the payload into place only once all
 of it has checked out, replacing the installed model whole or not at all.
 """
 
