@@ -21,11 +21,6 @@ FSDP2 = ParallelConfig(strategy="fsdp", nproc=2)
 KILLED = r"reported no error, so (it was|one of them was) killed"
 
 
-def worst(a, b):
-    assert set(a) == set(b)
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
-
-
 @pytest.fixture(scope="module")
 def killed(tmp_path_factory):
     """An FSDP run whose rank 1 was killed (SIGKILL) at step 2 of 3: the checkpoint of step 1 is left."""
@@ -41,13 +36,13 @@ def test_a_killed_run_resumes_to_the_uninterrupted_parameters(killed, tmp_path):
     job, _ = killed
     run_job(job, "checkpoint_job", FSDP2)  # the same job again: it resumes from step 1
     uninterrupted = run_job(tmp_path, "checkpoint_job", FSDP2)
-    assert worst(load_file(str(job / "final.safetensors")), load_file(str(uninterrupted / "final.safetensors"))) <= 1e-6
+    assert S.worst(load_file(str(job / "final.safetensors")), load_file(str(uninterrupted / "final.safetensors"))) <= 1e-6
 
 
 def test_one_process_resumes_a_two_process_checkpoint(killed, tmp_path):
     ckpt = shutil.copytree(killed[1], tmp_path / "ckpt")
     resumed = S.run_classifier(checkpoint_dir=ckpt, checkpoint_every=1)
-    assert worst(resumed, S.run_classifier()) <= 1e-5
+    assert S.worst(resumed, S.run_classifier()) <= 1e-5
     assert not (ckpt / "dcp").exists()  # rewritten in the one-process layout
 
 
@@ -60,7 +55,7 @@ def test_two_processes_resume_a_one_process_checkpoint(tmp_path):
         S.run_classifier(checkpoint_dir=tmp_path / "ckpt", checkpoint_every=1, on_step=crash)
     assert (tmp_path / "ckpt" / "state.safetensors").is_file()
     run_job(tmp_path, "checkpoint_job", FSDP2)
-    assert worst(load_file(str(tmp_path / "final.safetensors")), S.run_classifier()) <= 1e-5
+    assert S.worst(load_file(str(tmp_path / "final.safetensors")), S.run_classifier()) <= 1e-5
 
 
 def test_a_checkpoint_of_another_model_is_refused(killed, tmp_path):
@@ -77,7 +72,7 @@ def test_a_killed_pipeline_resumes_to_the_uninterrupted_parameters(tmp_path):
     run_job(tmp_path / "killed", "checkpoint_job", pipe)
     # The uninterrupted pipeline equals one process to 1e-7 (test_equality); the resumed
     # one must too. (Resumed against uninterrupted to 1e-6: the FSDP test above.)
-    assert worst(load_file(str(tmp_path / "killed" / "final.safetensors")), S.run_classifier()) <= 1e-5
+    assert S.worst(load_file(str(tmp_path / "killed" / "final.safetensors")), S.run_classifier()) <= 1e-5
     # Each stage numbers its optimizer state on its own: only the same cut resumes it.
     with pytest.raises(SlimkitError, match=r"written by a pipeline cut at \['layers.1'\], and this run is a "
                                            "strategy without a pipeline"):
@@ -90,6 +85,6 @@ def test_zero1_processes_write_their_own_optimizer_partition(tmp_path):
         run_job(tmp_path / "killed", "checkpoint_job", zero1, kill=2)
     saved = shutil.copytree(tmp_path / "killed" / "ckpt", tmp_path / "saved")
     run_job(tmp_path / "killed", "checkpoint_job", zero1)
-    assert worst(load_file(str(tmp_path / "killed" / "final.safetensors")), S.run_classifier()) <= 1e-5
+    assert S.worst(load_file(str(tmp_path / "killed" / "final.safetensors")), S.run_classifier()) <= 1e-5
     # The two partitions together are the whole optimizer: one process resumes from them.
-    assert worst(S.run_classifier(checkpoint_dir=saved, checkpoint_every=1), S.run_classifier()) <= 1e-5
+    assert S.worst(S.run_classifier(checkpoint_dir=saved, checkpoint_every=1), S.run_classifier()) <= 1e-5

@@ -27,11 +27,6 @@ def references():
             "tail": S.run_classifier(examples=15, grad_accum=1), "kd": S.run_classifier(kd=True)}
 
 
-def worst(found: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
-    assert set(found) == set(reference)  # the same parameters, and gradients for the same ones
-    return max(float((found[k] - reference[k]).abs().max()) for k in reference)
-
-
 @pytest.mark.parametrize(("name", "reference", "tolerance"), [
     ("ddp", "adamw", 1e-5),          # 7 examples per micro-batch split 4 + 3, 2 micro-batches, clipping
     ("ddp_tail", "tail", 1e-5),      # a last micro-batch of one example: rank 1 computes it with weight 0
@@ -44,7 +39,7 @@ def worst(found: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) ->
     ("pipeline_gpipe_kd", "kd", 1e-5),    # a teacher's soft labels computed on the last stage
 ])
 def test_two_processes_train_what_one_does(two, references, name, reference, tolerance):
-    assert worst(load_file(str(two / f"{name}.safetensors")), references[reference]) <= tolerance
+    assert S.worst(load_file(str(two / f"{name}.safetensors")), references[reference]) <= tolerance
 
 
 def test_parameters_move(references):
@@ -57,7 +52,7 @@ def test_parameters_move(references):
 
 def test_fsdp_over_tensor_parallel_on_a_2x2_mesh(tmp_path, references):
     job = run_job(tmp_path, "four_process_job", ParallelConfig(strategy="fsdp+tp", nproc=4))
-    assert worst(load_file(str(job / "fsdp_tp.safetensors")), references["text"]) <= 1e-5
+    assert S.worst(load_file(str(job / "fsdp_tp.safetensors")), references["text"]) <= 1e-5
 
 
 def test_fsdp_holds_about_half_the_training_state_per_process(two):
