@@ -17,6 +17,7 @@ from slimkit import serialize
 from slimkit.deploy.export import ExportConfig
 from slimkit.deploy.onnx_model import OnnxModel
 from slimkit.errors import ConfigError
+from slimkit.exporting import run_recipe, task_workload
 from slimkit.measure.latency import measure_latency
 from slimkit.measure.runners import make_runner
 
@@ -25,10 +26,8 @@ BACKENDS = ("torch", "ort")
 
 def _models(source: str) -> tuple[dict[str, Any], Any]:
     """Name -> model of ``source`` (a run folder's variants, or one model), and the run's recipe."""
-    from slimkit.recipe import Recipe
-
     path = Path(source)
-    recipe = Recipe.from_file(path / "recipe.yaml") if (path / "recipe.yaml").is_file() else None
+    recipe = run_recipe(path)
     if (path / "variants").is_dir():
         found = {p.name: serialize.load(p) for p in sorted((path / "variants").iterdir()) if (p / serialize.META).is_file()}
         baseline = found.pop("fp32", None)  # the baseline first: ratios are to it
@@ -50,8 +49,6 @@ def bench(source: str, threads: list[int], batch_sizes: list[int], backends: lis
         ``{"rows": [{"variant", "backend", "threads", "batch", "median_ms", "p10_ms",
         "p90_ms", "throughput_per_s", "ratio_to_reference"}], "reference", ...}``.
     """
-    from slimkit.measure.workloads import workload_for
-    from slimkit.recipe import Recipe, TaskSpec
     from slimkit.runner import StageContext, apply_stages
 
     unknown = [b for b in backends if b not in BACKENDS]
@@ -59,15 +56,10 @@ def bench(source: str, threads: list[int], batch_sizes: list[int], backends: lis
         raise ConfigError(f"--backends {','.join(backends)}: choose among {', '.join(BACKENDS)}")
     if not threads or min(threads) < 1 or not batch_sizes or min(batch_sizes) < 1:
         raise ConfigError("--threads and --batch-sizes take positive numbers, e.g. --threads 1,2 --batch-sizes 1,8")
-    models, run_recipe = _models(source)
-    if recipe:
-        run_recipe = Recipe.from_file(recipe)
-    first = next(iter(models.values()))
-    task = run_recipe.spec.task if run_recipe is not None else (TaskSpec() if first.tokenizer is not None else None)
-    if task is None:
+    models, recipe_of_run = _models(source)
+    workload = task_workload(next(iter(models.values())), recipe_of_run, recipe)
+    if workload is None:
         raise ConfigError(f"{source}: an image model needs its task's inputs; bench a run folder or give --recipe")
-    seq_len = run_recipe.spec.measure.seq_len if run_recipe is not None else 128
-    workload = workload_for(task, first, seq_len)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="slimkit-bench-") as work:
         variants: dict[str, Any] = {}

@@ -38,12 +38,18 @@ class ExportMismatch(SlimkitError):
     """ONNX Runtime's outputs differ from PyTorch's beyond the precision's tolerance."""
 
 
-def _source(source: str) -> tuple[Any, Any]:
-    """The PyTorch model ``source`` names, and the recipe of the run it comes from (or None)."""
+def run_recipe(folder: str | Path) -> Any:
+    """The recipe of the run folder ``folder``, or None when it is not one."""
     from slimkit.recipe import Recipe
 
+    path = Path(folder) / "recipe.yaml"
+    return Recipe.from_file(path) if path.is_file() else None
+
+
+def _source(source: str) -> tuple[Any, Any]:
+    """The PyTorch model ``source`` names, and the recipe of the run it comes from (or None)."""
     path = Path(source)
-    recipe = Recipe.from_file(path / "recipe.yaml") if (path / "recipe.yaml").is_file() else None
+    recipe = run_recipe(path)
     model = serialize.load(path) if (path / serialize.META).is_file() else serialize.load_model(source)
     if isinstance(model, OnnxModel):
         raise ConfigError(f"{source}: the model is already ONNX ({model.path.name}); export its PyTorch source, "
@@ -51,7 +57,10 @@ def _source(source: str) -> tuple[Any, Any]:
     return model, recipe
 
 
-def _workload(model: Any, recipe: Any, recipe_file: str | None) -> Any:
+def task_workload(model: Any, recipe: Any, recipe_file: str | None) -> Any:
+    """The inputs ``model`` is checked or timed on: the task of ``recipe_file`` if given,
+    else of ``recipe`` (a run's), else the offline sentence task for a text model; None
+    for a model with neither."""
     from slimkit.measure.workloads import workload_for
     from slimkit.recipe import Recipe, TaskSpec
 
@@ -98,7 +107,7 @@ def export_model(source: str, precision: str, out: str | Path, recipe: str | Non
     if precision not in PRECISIONS:
         raise ConfigError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     model, run_recipe = _source(source)
-    workload = _workload(model, run_recipe, recipe)
+    workload = task_workload(model, run_recipe, recipe)
     if precision == "int8-static" and workload is None:
         raise ConfigError("int8-static calibrates on the task's train split: export a run folder, or give --recipe "
                           "with the task")
