@@ -240,17 +240,20 @@ class PipelineParallel(Distributed):
             return out.sum() * 0.0  # a micro-batch of padding: no gradient, but a backward
         idx = target[real].cpu()
         share = n / self._examples
-        inputs, labels = d.data.batch(idx, self.device)
+        labels = None if d.data.labels is None else d.data.labels[idx].to(self.device)
         t_out = None
         if d.teacher_cache is not None:
             t_out = d.teacher_cache[idx.to(d.teacher_cache.device)].to(self.device)
         elif d.needs_teacher:
+            # Only the teacher needs the examples themselves here (collating images resizes them).
+            inputs, _ = d.data.batch(idx, self.device)
             with torch.no_grad():
                 t_out = d.teacher(**inputs)
         s_out = out[real]
         total = torch.zeros((), device=out.device)
         for i, term in enumerate(d.config.losses):
-            value = d._term(i, term, s_out, t_out, {}, {}, labels, inputs.get("attention_mask"))
+            # Output terms only (check_training refuses the others): no attention mask needed.
+            value = d._term(i, term, s_out, t_out, {}, {}, labels, None)
             self._parts[f"{i}:{term.kind}"] = self._parts.get(f"{i}:{term.kind}", 0.0) + float(value.detach()) * share
             total = total + term.weight * value
         self._total += float(total.detach()) * share
