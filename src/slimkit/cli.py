@@ -7,7 +7,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from slimkit.errors import SlimkitError
+from slimkit.errors import ConfigError, SlimkitError
 
 if TYPE_CHECKING:
     from slimkit.recipe import Recipe
@@ -108,8 +108,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _numbers(text: str, flag: str) -> list[int]:
-    from slimkit.errors import ConfigError
-
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
@@ -122,8 +120,6 @@ def _bench(args: argparse.Namespace) -> int:
 
     try:
         if args.rounds < 1:
-            from slimkit.errors import ConfigError
-
             raise ConfigError(f"--rounds {args.rounds}: give 1 or more")
         result = bench(args.source, _numbers(args.threads, "--threads"), _numbers(args.batch_sizes, "--batch-sizes"),
                        [b for b in args.backends.split(",") if b], args.recipe, rounds=args.rounds)
@@ -142,8 +138,6 @@ def _export(args: argparse.Namespace) -> int:
 
     try:
         if args.calibration_samples < 1:
-            from slimkit.errors import ConfigError
-
             raise ConfigError(f"--calibration-samples {args.calibration_samples}: give 1 or more")
         report = export_model(args.source, args.precision, args.output, args.recipe, args.calibration_samples)
     except SlimkitError as e:
@@ -183,7 +177,6 @@ def _profile(recipe: Recipe, args: argparse.Namespace) -> None:
     import torch
 
     from slimkit.atomic import write_json
-    from slimkit.errors import ConfigError
     from slimkit.memory.profile_table import print_profile
     from slimkit.memory.profiler import profile
     from slimkit.serialize import load_model
@@ -212,7 +205,6 @@ def _advise(recipe: Recipe, args: argparse.Namespace, module, inputs):
     """Each strategy's memory per device for the recipe's training, from a measured step."""
     from pydantic import ByteSize, TypeAdapter, ValidationError
 
-    from slimkit.errors import ConfigError
     from slimkit.parallel.advisor import advise, render
     from slimkit.parallel.footprint import measure_footprint
 
@@ -246,7 +238,6 @@ def _harness_inputs(recipe: Recipe, model: LoadedModel) -> dict | tuple:
     example inputs cut to one row."""
     import torch
 
-    from slimkit.errors import ConfigError
     from slimkit.measure.image_workload import is_image_task
     from slimkit.measure.workloads import workload_for
 
