@@ -75,6 +75,22 @@ class OrtStaticInt8Config(SlimConfig):
             quantized again around every one; on MobileNetV2 under ONNX Runtime's CPU
             provider that halves the int8 latency. ``auto``: ``all`` for graphs with
             convolutions, ``weighted`` otherwise (transformer encoders).
+        form: how the int8 graph is written. ``qdq``: QuantizeLinear/DequantizeLinear
+            pairs around standard operators, the portable form that TensorRT and NPU or
+            FPGA toolchains read (ONNX Runtime fuses the pairs when it loads the file).
+            ``integer``: ONNX Runtime's int8 kernels written directly
+            (:mod:`slimkit.quantize.ort_integer`): ``QAttention`` for fused attention
+            nodes, which QDQ has no form for, and ``MatMulIntegerToFloat`` with its bias;
+            minmax ranges per channel; MatMul and Attention only. ``auto``: ``integer`` for
+            a graph with fused attention nodes (already specific to ONNX Runtime) and no
+            trained ranges, ``qdq`` otherwise.
+        smoothing: SmoothQuant migration strength in [0, 1] for form ``integer``: how much
+            of each input channel's outlier range moves into the weights (0: none). Unset:
+            0.8 for form ``integer``, 0 for ``qdq``.
+        fallback_layers: keep in fp32 the N Linear layers whose quantization moves the
+            output most, scored on the PyTorch model before export with train-split
+            calibration inputs (as ``ort_dynamic_int8``'s).
+        fallback_samples: how many calibration inputs score each layer for ``fallback_layers``.
     """
 
     kind = "quantize"
@@ -85,6 +101,10 @@ class OrtStaticInt8Config(SlimConfig):
     activation_ranges: Literal["auto", "calibrate", "trained"] = "auto"
     layers: LayerSelector = Field(default_factory=LayerSelector)
     ops: Literal["auto", "weighted", "all"] = "auto"
+    form: Literal["auto", "qdq", "integer"] = "auto"
+    smoothing: float | None = Field(None, ge=0.0, le=1.0)
+    fallback_layers: int = Field(0, ge=0)
+    fallback_samples: int = Field(32, ge=1)
 
 
 def _check_onnx(model: Any, config: SlimConfig) -> OnnxModel:
@@ -127,6 +147,7 @@ def _dynamic(model: Any, config: OrtDynamicInt8Config, calibration=None, source=
             # Fused contrib ops (Attention, SkipLayerNormalization) carry no type information
             # for their outputs; telling the quantizer they are float lets it quantize them.
             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+            use_external_data_format=_external(graph),
         )
     model.path = out
     return layers
@@ -157,6 +178,63 @@ def _with_fallback(graph, selector: LayerSelector, ops, config, calibration, sou
 @register(OrtStaticInt8Config)
 def _static(model: Any, config: OrtStaticInt8Config, calibration: list[dict[str, np.ndarray]] | None = None,
             source: Any = None, **_) -> list[str]:
+    model = _check_onnx(model, config)
+    # The graph is enough to choose nodes; the weights are read only to rewrite them.
+    proto = onnx.load(str(model.path), load_external_data=False)
+    trained = {} if config.activation_ranges == "calibrate" else _trained_ranges(source, config)
+    fused = any(n.op_type == "Attention" for n in proto.graph.node)
+    form = config.form if config.form != "auto" else ("integer" if fused and not trained else "qdq")
+    smoothing = config.smoothing if config.smoothing is not None else (0.8 if form == "integer" else 0.0)
+    if form == "qdq" and smoothing:
+        raise ConfigError(f"smoothing={smoothing} is applied by form 'integer'; set form: integer, or leave "
+                          "smoothing unset for the QDQ form")
+    if form == "integer" and config.calibrate_method != "minmax":
+        raise ConfigError(f"calibrate_method={config.calibrate_method!r}: form 'integer' calibrates by minmax per "
+                          "channel; use form: qdq for percentile or entropy calibration")
+    if form == "integer" and trained and config.activation_ranges == "trained":
+        raise ConfigError("activation_ranges='trained' writes the trained ranges in QDQ form; set form: qdq")
+    ops = list(WEIGHTED_OPS) + (["Attention"] if form == "integer" else [])
+    selector = config.layers
+    if config.fallback_layers:
+        selector = _with_fallback(proto.graph, selector, ops, config, calibration, source)
+    keep, layers = _choose_nodes(proto.graph, selector, ops)
+    if form == "integer":
+        calibration = _calibration(calibration, config.calibration_samples, layers)
+        _integer(model, proto, keep, calibration, smoothing, config.per_channel)
+    else:
+        _qdq(model, proto, config, keep, layers, trained, calibration)
+    return layers
+
+
+def _calibration(calibration: list[dict[str, np.ndarray]] | None, samples: int, layers: list[str],
+                 trained: dict[str, Any] | None = None) -> list[dict[str, np.ndarray]]:
+    """The calibration inputs to use, checked: refused when absent or not finite."""
+    calibrated = [layer for layer in layers if layer not in (trained or {})]
+    if calibrated and not calibration:
+        raise DataError(
+            "static quantization needs calibration data from the train split; none was given"
+            + (f" (layers without a trained range: {', '.join(calibrated[:4])})" if trained else "")
+        )
+    if calibration:
+        check_finite(calibration)
+    return calibration[:samples] if calibration else []
+
+
+def _integer(model: OnnxModel, proto: onnx.ModelProto, keep: list[str], calibration: list[dict[str, np.ndarray]],
+             smoothing: float, per_channel: bool) -> None:
+    from slimkit.quantize.ort_integer import quantize_integer
+
+    external = _external(proto.graph)
+    _load_weights(proto, model.path)
+    names = {n.name for n in proto.graph.node} - set(keep)
+    quantize_integer(proto, names, calibration, smoothing, per_channel)
+    out = model.next_path("int8")
+    _save(proto, out, external)
+    model.path = out
+
+
+def _qdq(model: OnnxModel, proto: onnx.ModelProto, config: OrtStaticInt8Config, keep: list[str], layers: list[str],
+         trained: dict[str, Any], calibration: list[dict[str, np.ndarray]] | None) -> None:
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -165,12 +243,7 @@ def _static(model: Any, config: OrtStaticInt8Config, calibration: list[dict[str,
         quantize_static,
     )
 
-    model = _check_onnx(model, config)
     ops = list(WEIGHTED_OPS)
-    # The graph is enough to choose nodes; the weights are read only to write trained ranges.
-    proto = onnx.load(str(model.path), load_external_data=False)
-    keep, layers = _choose_nodes(proto.graph, config.layers, ops)
-    trained = {} if config.activation_ranges == "calibrate" else _trained_ranges(source, config)
     # With trained ranges the operators between layers would have no range but calibration's.
     convolutional = any(n.op_type == "Conv" for n in proto.graph.node)
     between = config.ops == "all" or (config.ops == "auto" and convolutional and not trained)
@@ -182,17 +255,11 @@ def _static(model: Any, config: OrtStaticInt8Config, calibration: list[dict[str,
                 f"layer {layer!r} has no trained input range; leave it out with layers.ignore, or use "
                 "activation_ranges='auto' to calibrate it" for layer in missing
             ])
-    calibrated = [layer for layer in layers if layer not in trained]
-    if calibrated and not calibration:
-        raise DataError(
-            "static quantization needs calibration data from the train split; none was given"
-            + (f" (layers without a trained range: {', '.join(calibrated[:4])})" if trained else "")
-        )
-    if calibration:
-        check_finite(calibration)
     # With every range trained, ONNX Runtime still runs its calibration pass; one
     # all-zeros input serves, as no calibrated range is used.
-    feeds = calibration[: config.calibration_samples] if calibration else [_zeros_feed(proto.graph)]
+    feeds = _calibration(calibration, config.calibration_samples, layers, trained) or [_zeros_feed(proto.graph)]
+    if config.calibrate_method != "minmax":
+        feeds = same_shape(feeds)  # the histogram methods stack every batch's values
     graph_inputs = {i.name for i in proto.graph.input}
 
     class Reader(CalibrationDataReader):
@@ -203,11 +270,21 @@ def _static(model: Any, config: OrtStaticInt8Config, calibration: list[dict[str,
             return next(self._it, None)
 
     extra: dict[str, Any] = {"DefaultTensorType": onnx.TensorProto.FLOAT}
-    src = model.path
+    src, external = model.path, _external(proto.graph)
     overrides = _use_trained_ranges(proto.graph, {k: v for k, v in trained.items() if k in layers}, ops)
-    if overrides:
+    fused_ops = any(n.domain == "com.microsoft" for n in proto.graph.node)
+    if overrides or fused_ops:
         src = model.next_path("ranges")
-        _save_with_weights(proto, model.path, src)
+        _load_weights(proto, model.path)
+        if fused_ops:
+            # The calibrator only sees tensors whose type is known, and ONNX's shape
+            # inference does not know ONNX Runtime's fused operators: without this the
+            # layers after them would be left with float inputs.
+            from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+            proto = SymbolicShapeInference.infer_shapes(proto, auto_merge=True)
+        _save(proto, src, external)
+    if overrides:
         extra.update({
             "TensorQuantOverrides": overrides,
             # The fake-quantized layers did not round their outputs; neither may the deployed ones.
@@ -217,6 +294,10 @@ def _static(model: Any, config: OrtStaticInt8Config, calibration: list[dict[str,
             # the fake-quantized layers clip it, instead of the weights being rescaled.
             "QDQDisableWeightAdjustForInt32Bias": True,
         })
+    elif not between:
+        # A layer's output that only float operators read is not rounded (they would
+        # dequantize it at once); ONNX Runtime then runs the layer as MatMulIntegerToFloat.
+        extra["OpTypesToExcludeOutputQuantization"] = ops
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[config.calibrate_method]
     out = model.next_path("qdq")
@@ -225,9 +306,48 @@ def _static(model: Any, config: OrtStaticInt8Config, calibration: list[dict[str,
             str(src), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=config.per_channel,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=quantized_ops,
             nodes_to_exclude=keep, calibrate_method=method, extra_options=extra,
+            use_external_data_format=external,
         )
+    qdq = onnx.load(str(out), load_external_data=False)
+    if float_readers_read_float(qdq.graph, set(quantized_ops)):
+        onnx.save(qdq, str(out))  # the weights, external or not, are where they were
     model.path = out
-    return layers
+
+
+def float_readers_read_float(graph: onnx.GraphProto, quantized_ops: set[str]) -> int:
+    """Let the float operators that read a quantized tensor made by a float operator (a
+    residual add reading a layer norm's output that also feeds a quantized layer) read
+    the unrounded value.
+
+    The quantizer gives a tensor one QuantizeLinear/DequantizeLinear pair that every
+    reader shares; only the quantized operators need the rounded value. Returns how many
+    inputs were rewired.
+    """
+    producer = {o: n for n in graph.node for o in n.output}
+    rewired = 0
+    for node in graph.node:
+        if node.op_type in quantized_ops or node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        for k, name in enumerate(node.input):
+            dq = producer.get(name)
+            q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            source = producer.get(q.input[0]) if q is not None and q.op_type == "QuantizeLinear" else None
+            # The output of a quantized operator is left alone: ONNX Runtime computes it in
+            # int8 only while every reader takes the rounded value.
+            if q is not None and q.op_type == "QuantizeLinear" and (source is None or source.op_type not in quantized_ops):
+                node.input[k] = q.input[0]
+                rewired += 1
+    return rewired
+
+
+def same_shape(feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """Calibration inputs zero-padded to one shape per input (sentences of different
+    lengths: zeros are the padding token and a masked position)."""
+    if not feeds:
+        return feeds
+    longest = {k: np.max([np.shape(f[k]) for f in feeds], axis=0) for k in feeds[0]}
+    return [{k: np.pad(np.asarray(v), [(0, int(m) - d) for d, m in zip(np.shape(v), longest[k], strict=True)])
+             for k, v in f.items()} for f in feeds]
 
 
 def _trained_ranges(source: Any, config: OrtStaticInt8Config) -> dict[str, dict[str, Any]]:
@@ -277,13 +397,23 @@ def _use_trained_ranges(graph: onnx.GraphProto, ranges: dict[str, dict[str, Any]
     return overrides
 
 
-def _save_with_weights(proto: onnx.ModelProto, source: Path, dest: Path) -> None:
-    """Save ``proto``, loaded from ``source`` without its external data, to ``dest`` with
-    all its weights: in an external file ``<dest>.data`` if ``source`` had one."""
-    from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+def _external(graph: onnx.GraphProto) -> bool:
+    """Whether ``graph`` (loaded without its external data) keeps its weights in an external file."""
+    from onnx.external_data_helper import uses_external_data
 
-    external = any(uses_external_data(t) for t in proto.graph.initializer)
+    return any(uses_external_data(t) for t in graph.initializer)
+
+
+def _load_weights(proto: onnx.ModelProto, source: Path) -> None:
+    """Load into ``proto``, read from ``source`` without its external data, its weights."""
+    from onnx.external_data_helper import load_external_data_for_model
+
     load_external_data_for_model(proto, str(source.parent))
+
+
+def _save(proto: onnx.ModelProto, dest: Path, external: bool) -> None:
+    """Save ``proto`` with all its weights, in an external file ``<dest>.data`` if ``external``
+    (a model over 2 GB must keep one: protobuf cannot hold it)."""
     if not external:
         onnx.save(proto, str(dest))
         return
