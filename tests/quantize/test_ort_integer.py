@@ -68,6 +68,8 @@ def test_fused_attention_and_matmuls_become_integer_kernels(tiny_bert, tmp_path)
     # MatMulIntegerToFloat, the biases folded in (no Add after them but the residuals).
     assert ops.count("QAttention") == 2 and ops.count("MatMulIntegerToFloat") == 6
     assert "Attention" not in ops and "MatMul" not in ops and "DequantizeLinear" not in ops
+    # The embedding tables are int8 too, and the layer norms sharing their (equal) weights are not.
+    assert ops.count("QEmbedLayerNormalization") == 1 and ops.count("LayerNormalization") == 4
     assert len(layers) == 8 and "backbone.encoder.layer.1.attention.self" in layers
     out = run(model.path, feeds)
     assert out.shape == ref.shape == (8, 32)

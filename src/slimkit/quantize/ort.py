@@ -84,6 +84,9 @@ class OrtStaticInt8Config(SlimConfig):
             minmax ranges per channel; MatMul and Attention only. ``auto``: ``integer`` for
             a graph with fused attention nodes (already specific to ONNX Runtime) and no
             trained ranges, ``qdq`` otherwise.
+        quantize_embeddings: in form ``integer``, also store the fused embedding layer's
+            tables in int8 (a lookup has no activation to calibrate; most of a small
+            encoder's file and of its serving process's memory).
         smoothing: SmoothQuant migration strength in [0, 1] for form ``integer``: how much
             of each input channel's outlier range moves into the weights (0: none). Unset:
             0.8 for form ``integer``, 0 for ``qdq``.
@@ -103,6 +106,7 @@ class OrtStaticInt8Config(SlimConfig):
     ops: Literal["auto", "weighted", "all"] = "auto"
     form: Literal["auto", "qdq", "integer"] = "auto"
     smoothing: float | None = Field(None, ge=0.0, le=1.0)
+    quantize_embeddings: bool = True
     fallback_layers: int = Field(0, ge=0)
     fallback_samples: int = Field(32, ge=1)
 
@@ -200,7 +204,7 @@ def _static(model: Any, config: OrtStaticInt8Config, calibration: list[dict[str,
     keep, layers = _choose_nodes(proto.graph, selector, ops)
     if form == "integer":
         calibration = _calibration(calibration, config.calibration_samples, layers)
-        _integer(model, proto, keep, calibration, smoothing, config.per_channel)
+        _integer(model, proto, keep, calibration, smoothing, config)
     else:
         _qdq(model, proto, config, keep, layers, trained, calibration)
     return layers
@@ -221,15 +225,26 @@ def _calibration(calibration: list[dict[str, np.ndarray]] | None, samples: int, 
 
 
 def _integer(model: OnnxModel, proto: onnx.ModelProto, keep: list[str], calibration: list[dict[str, np.ndarray]],
-             smoothing: float, per_channel: bool) -> None:
+             smoothing: float, config: OrtStaticInt8Config) -> None:
     from slimkit.quantize.ort_integer import quantize_integer
 
     external = _external(proto.graph)
     _load_weights(proto, model.path)
     names = {n.name for n in proto.graph.node} - set(keep)
-    quantize_integer(proto, names, calibration, smoothing, per_channel)
+    quantize_integer(proto, names, calibration, smoothing, config.per_channel)
+    embeddings = [n for n in proto.graph.node if n.op_type == "EmbedLayerNormalization"]
+    for node in embeddings:
+        _own_weights(proto.graph, node)
     out = model.next_path("int8")
     _save(proto, out, external)
+    if config.quantize_embeddings and embeddings:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        # Weight-only: ONNX Runtime's quantizer writes QEmbedLayerNormalization with int8 tables.
+        with _quiet():
+            quantize_dynamic(str(out), str(out), weight_type=QuantType.QUInt8, op_types_to_quantize=["EmbedLayerNormalization"],
+                             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+                             use_external_data_format=external)
     model.path = out
 
 
@@ -348,6 +363,26 @@ def same_shape(feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]
     longest = {k: np.max([np.shape(f[k]) for f in feeds], axis=0) for k in feeds[0]}
     return [{k: np.pad(np.asarray(v), [(0, int(m) - d) for d, m in zip(np.shape(v), longest[k], strict=True)])
              for k, v in f.items()} for f in feeds]
+
+
+def _own_weights(graph: onnx.GraphProto, node: onnx.NodeProto) -> None:
+    """Give ``node`` its own copy of each weight other nodes read too.
+
+    The exporter stores equal constants once (a small model's layer norms all start with
+    the same scale); quantizing the copy one node reads would round the others' too.
+    """
+    weights = {t.name: t for t in graph.initializer}
+    readers: dict[str, int] = {}
+    for n in graph.node:
+        for i in set(n.input):
+            readers[i] = readers.get(i, 0) + 1
+    for k, name in enumerate(node.input):
+        if name in weights and readers[name] > 1:
+            copy = onnx.TensorProto()
+            copy.CopyFrom(weights[name])
+            copy.name = f"{name}/{node.name}"
+            graph.initializer.append(copy)
+            node.input[k] = copy.name
 
 
 def _trained_ranges(source: Any, config: OrtStaticInt8Config) -> dict[str, dict[str, Any]]:
