@@ -174,3 +174,19 @@ def test_static_int8_fallback_keeps_the_most_sensitive_layers_float(tiny_bert, t
     assert "backbone.encoder.layer.1.output.dense" not in layers and len(layers) == 7
     ops = [n.op_type for n in onnx.load(str(model.path)).graph.node]
     assert ops.count("MatMulIntegerToFloat") == 5 and ops.count("MatMul") == 1
+
+
+def test_symmetric_activations_are_int8_with_zero_point_zero(tiny_bert, tmp_path):
+    from onnx import numpy_helper
+
+    model = export(tiny_bert[0], ExportConfig(optimize="none"), workdir=tmp_path)
+    feeds = tiny_bert[1]
+    ref = run(model.path, feeds)
+    quantize_(model, OrtStaticInt8Config(symmetric_activations=True), calibration=feeds)
+    graph = onnx.load(str(model.path)).graph
+    weights = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    zero_points = [weights[n.input[2]] for n in graph.node if n.op_type == "QuantizeLinear"]
+    assert zero_points and all(z.dtype == np.int8 and not z.any() for z in zero_points)
+    assert cosine(ref, run(model.path, feeds)).min() >= 0.98
+    with pytest.raises(ConfigError, match="form 'qdq'"):
+        quantize_(fused(tiny_bert, tmp_path / "f"), OrtStaticInt8Config(symmetric_activations=True), calibration=feeds)

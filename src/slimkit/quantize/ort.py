@@ -87,6 +87,9 @@ class OrtStaticInt8Config(SlimConfig):
         quantize_embeddings: in form ``integer``, also store the fused embedding layer's
             tables in int8 (a lookup has no activation to calibrate; most of a small
             encoder's file and of its serving process's memory).
+        symmetric_activations: in form ``qdq``, int8 activations with zero point 0
+            instead of uint8 with a calibrated zero point: what TensorRT's explicit
+            quantization accepts.
         smoothing: SmoothQuant migration strength in [0, 1] for form ``integer``: how much
             of each input channel's outlier range moves into the weights (0: none). Unset:
             0.8 for form ``integer``, 0 for ``qdq``.
@@ -107,6 +110,7 @@ class OrtStaticInt8Config(SlimConfig):
     form: Literal["auto", "qdq", "integer"] = "auto"
     smoothing: float | None = Field(None, ge=0.0, le=1.0)
     quantize_embeddings: bool = True
+    symmetric_activations: bool = False
     fallback_layers: int = Field(0, ge=0)
     fallback_samples: int = Field(32, ge=1)
 
@@ -192,6 +196,8 @@ def _static(model: Any, config: OrtStaticInt8Config, calibration: list[dict[str,
     if form == "qdq" and smoothing:
         raise ConfigError(f"smoothing={smoothing} is applied by form 'integer'; set form: integer, or leave "
                           "smoothing unset for the QDQ form")
+    if form == "integer" and config.symmetric_activations:
+        raise ConfigError("symmetric_activations is a setting of form 'qdq' (for TensorRT); set form: qdq")
     if form == "integer" and config.calibrate_method != "minmax":
         raise ConfigError(f"calibrate_method={config.calibrate_method!r}: form 'integer' calibrates by minmax per "
                           "channel; use form: qdq for percentile or entropy calibration")
@@ -313,13 +319,16 @@ def _qdq(model: OnnxModel, proto: onnx.ModelProto, config: OrtStaticInt8Config, 
         # A layer's output that only float operators read is not rounded (they would
         # dequantize it at once); ONNX Runtime then runs the layer as MatMulIntegerToFloat.
         extra["OpTypesToExcludeOutputQuantization"] = ops
+    if config.symmetric_activations:
+        extra["ActivationSymmetric"] = True
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[config.calibrate_method]
     out = model.next_path("qdq")
     with _quiet():
         quantize_static(
             str(src), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=config.per_channel,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=quantized_ops,
+            activation_type=QuantType.QInt8 if config.symmetric_activations else QuantType.QUInt8,
+            weight_type=QuantType.QInt8, op_types_to_quantize=quantized_ops,
             nodes_to_exclude=keep, calibrate_method=method, extra_options=extra,
             use_external_data_format=external,
         )
