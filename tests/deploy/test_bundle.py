@@ -160,3 +160,24 @@ def test_the_command_line_makes_verifies_and_installs(made, tmp_path, capsys):
                  "-o", str(tmp_path / "c.slimkit")]) == 2
     assert "version 'v3': write it as numbers with dots" in capsys.readouterr().err
     assert not (tmp_path / "c.slimkit").exists()
+
+
+def test_a_device_without_the_runtime_the_model_needs_refuses_it(tmp_path, monkeypatch):
+    import onnxruntime
+
+    _, manifest, pub = signed_onnx_bundle(tmp_path, "2.0")
+    assert manifest["runtime"]["custom_ops"] == []  # a plain exported graph: standard operators only
+    B.check_runtime(manifest)  # this machine built it: it can run it
+    newer = {**manifest, "runtime": {**manifest["runtime"], "onnxruntime": "99.1.0", "custom_ops": ["com.microsoft:QAttention"]}}
+    with pytest.raises(B.BundleError, match=r"needs onnxruntime >= 99.1.0 \(opset \d+, com.microsoft:QAttention\); "
+                                            r"this device has"):
+        B.check_runtime(newer)
+    gpu = {**manifest, "runtime": {**manifest["runtime"], "execution_provider": "TensorrtExecutionProvider"}}
+    with pytest.raises(B.BundleError, match="built for TensorrtExecutionProvider, which this device's ONNX Runtime "
+                                            "does not have \\(it has .*CPUExecutionProvider"):
+        B.check_runtime(gpu)
+    # Installing on an older ONNX Runtime is refused, and nothing is installed.
+    monkeypatch.setattr(onnxruntime, "__version__", "1.0.0")
+    with pytest.raises(B.BundleError, match="this device has 1.0.0"):
+        B.install_bundle(tmp_path / "m.slimkit", pub, tmp_path / "device")
+    assert not (tmp_path / "device").exists()

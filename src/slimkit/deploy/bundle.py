@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import importlib
 import io
 import json
 import os
@@ -161,9 +162,12 @@ def _signature_of_model(folder: Path, meta: dict[str, Any]) -> tuple[dict[str, A
         return out
 
     opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=None)
+    # Operators outside the ONNX standard (ONNX Runtime's fused and int8 kernels) run on
+    # ONNX Runtime only: a device with another runtime must know before it installs.
+    custom = sorted({f"{n.domain}:{n.op_type}" for n in model.graph.node if n.domain not in ("", "ai.onnx")})
     return ({"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)},
             {"framework": "onnx", "onnxruntime": onnxruntime.__version__, "opset": opset,
-             "execution_provider": "CPUExecutionProvider"})
+             "execution_provider": "CPUExecutionProvider", "custom_ops": custom})
 
 
 def create_bundle(folder: str | os.PathLike, key: str | os.PathLike, out: str | os.PathLike, version: str,
@@ -348,8 +352,47 @@ def install_bundle(path: str | os.PathLike, public_key: str | os.PathLike, dest:
     dest = Path(dest)
     with atomic_dir(dest) as tmp:
         manifest = verify_bundle(path, public_key, installed_version(dest), extract_to=tmp)
+        check_runtime(manifest, path)
         (tmp / INSTALLED).write_text(json.dumps(manifest, indent=1, sort_keys=True))
     return manifest
+
+
+def check_runtime(manifest: dict[str, Any], path: str | os.PathLike = "bundle") -> None:
+    """Refuse a bundle whose runtime requirements this device does not meet.
+
+    An ONNX model needs ONNX Runtime at least as new (major.minor) as the one it was
+    checked with, which also covers its opset, and the execution provider it was built
+    for; a PyTorch model needs torch at least as new.
+
+    Raises:
+        BundleError: naming what is required and what this device has.
+    """
+    runtime = manifest.get("runtime") or {}
+    framework = runtime.get("framework")
+    package = {"onnx": "onnxruntime", "torch": "torch"}.get(framework)
+    if package is None:
+        raise BundleError(f"{path}: runtime framework {framework!r} is unknown to this slimkit ({__version__})")
+    try:
+        module = importlib.import_module(package)
+    except ImportError:
+        raise BundleError(f"{path}: the model runs on {package} >= {runtime.get(package)}, which this device does "
+                          f"not have; install it") from None
+    have, need = str(module.__version__).split("+")[0], str(runtime.get(package, "0"))
+    if _major_minor(have) < _major_minor(need):
+        what = ""
+        if framework == "onnx":
+            what = f" (opset {runtime.get('opset')}{''.join(', ' + op for op in runtime.get('custom_ops', [])[:3])})"
+        raise BundleError(f"{path}: the model needs {package} >= {need}{what}; this device has {have}: upgrade "
+                          f"{package}, or export the model with an older one; refused")
+    provider = runtime.get("execution_provider")
+    if framework == "onnx" and provider and provider not in module.get_available_providers():
+        raise BundleError(f"{path}: the model was built for {provider}, which this device's ONNX Runtime does not "
+                          f"have (it has {', '.join(module.get_available_providers())}); refused")
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    parts = [int(p) if p.isdigit() else 0 for p in (version.split(".") + ["0", "0"])[:2]]
+    return parts[0], parts[1]
 
 
 def load_bundle(path: str | os.PathLike, public_key: str | os.PathLike, workdir: str | os.PathLike) -> Any:
