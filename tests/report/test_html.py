@@ -267,3 +267,20 @@ def test_budget_pruned_variant_gets_a_sensitivity_plot_and_the_kept_groups(metri
         ("layer0.heads", "12", "12"), ("layer0.ffn", "1,536", "768")]
     assert base64.b64decode(img_src(html, "plot-sensitivity-0").split(",", 1)[1]).startswith(PNG_MAGIC)
     assert "Pruning sensitivity" not in render(metrics, tmp_path)
+
+
+def test_device_estimates_are_columns_of_the_energy_table(metrics, tmp_path):
+    for v in metrics["variants"]:
+        v["energy"]["devices"] = [
+            {"device": "raspberry-pi-5", "estimate": True, "latency_ms": 123.4, "energy_mj": 555.5, "bound": "compute"},
+            {"device": "jetson-orin-nx-16gb", "estimate": True, "latency_ms": 2.5, "energy_mj": 37.5, "bound": "memory"}]
+    metrics["variants"][0]["energy"]["devices"] = metrics["variants"][0]["energy"]["devices"][:1]
+    html = render(metrics, tmp_path)
+    table = re.search(r'<table id="energy-table">.*?</table>', html, re.S).group(0)
+    assert table.index("raspberry-pi-5, estimated (ms / mJ)") < table.index("jetson-orin-nx-16gb, estimated (ms / mJ)")
+    assert table.count("123.4 / 555.5") == len(metrics["variants"]) and table.count("2.5 / 37.5") == len(metrics["variants"]) - 1
+    assert "The device columns are <strong>estimates</strong>" in html
+
+
+def test_no_device_columns_without_device_estimates(metrics, tmp_path):
+    assert "estimated (ms / mJ)" not in render(metrics, tmp_path)
