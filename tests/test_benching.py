@@ -51,3 +51,27 @@ def test_bad_requests_are_refused(tiny_text_model, tmp_path, capsys):
     assert main(["bench", str(tiny_text_model), "--backends", "ort", "--threads", "1", "--batch-sizes", "1",
                  "--rounds", "1", "--json", str(tmp_path / "b.json")]) == 0
     assert [r["backend"] for r in json.loads((tmp_path / "b.json").read_text())["rows"]] == ["ort"]
+
+
+def test_a_run_folder_gets_the_rows_and_a_backends_section_in_its_report(tiny_text_model, tmp_path, capsys):
+    import shutil
+    from pathlib import Path
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_text_model, run / "variants" / "fp32")
+    sample = Path(__file__).parent / "report" / "sample_metrics.json"
+    (run / "metrics.json").write_text(sample.read_text())
+    assert main(["bench", str(run), "--threads", "1,2", "--batch-sizes", "1", "--rounds", "1"]) == 0
+    assert f"report:     {run / 'report.html'}" in capsys.readouterr().out
+    rows = json.loads((run / "bench.json").read_text())["rows"]
+    assert [(r["backend"], r["threads"]) for r in rows] == [("torch", 1), ("ort", 1), ("torch", 2), ("ort", 2)]
+    html = (run / "report.html").read_text()
+    assert '<table id="backends-table">' in html and 'id="plot-backends"' in html
+    assert html.count("<td>fp32</td><td>ort</td>") == 2
+    assert json.loads((run / "metrics.json").read_text()) == json.loads(sample.read_text())  # the run's record is kept
+
+
+def test_a_model_folder_has_no_report_to_write(tiny_text_model, capsys):
+    assert main(["bench", str(tiny_text_model), "--backends", "ort", "--threads", "1", "--batch-sizes", "1",
+                 "--rounds", "1"]) == 0
+    assert "report:" not in capsys.readouterr().out

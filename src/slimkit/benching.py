@@ -91,6 +91,23 @@ def bench(source: str, threads: list[int], batch_sizes: list[int], backends: lis
     return {"source": source, "reference": reference, "rounds": rounds, "iters": iters, "warmup": warmup, "rows": rows}
 
 
+def write_into_run(folder: str | Path, result: dict[str, Any]) -> Path | None:
+    """Keep ``result`` in the run folder ``folder`` (``bench.json``) and render the run's
+    report again with a section on backends; None when ``folder`` is not a run folder."""
+    import json
+
+    from slimkit.atomic import write_json
+    from slimkit.report import render_report
+
+    folder = Path(folder)
+    if not (folder / "metrics.json").is_file():
+        return None
+    write_json(folder / "bench.json", result)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    render_report({**metrics, "bench": result}, folder / "report.html")
+    return folder / "report.html"
+
+
 def table(result: dict[str, Any]) -> str:
     """The rows as a fixed-width text table."""
     head = f"{'variant':<24} {'backend':<7} {'threads':>7} {'batch':>5} {'median ms':>10} {'items/s':>10} {'ratio':>7}"

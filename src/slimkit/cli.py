@@ -116,7 +116,7 @@ def _numbers(text: str, flag: str) -> list[int]:
 
 def _bench(args: argparse.Namespace) -> int:
     from slimkit.atomic import write_json
-    from slimkit.benching import bench, table
+    from slimkit.benching import bench, table, write_into_run
 
     try:
         if args.rounds < 1:
@@ -130,6 +130,9 @@ def _bench(args: argparse.Namespace) -> int:
     if args.json:
         write_json(args.json, result)
         print(f"rows:       {args.json}")
+    report = write_into_run(args.source, result)
+    if report is not None:
+        print(f"report:     {report} (section Backends; rows in bench.json)")
     return 0
 
 

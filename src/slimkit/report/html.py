@@ -20,6 +20,7 @@ import jinja2
 
 from slimkit.atomic import write_text
 from slimkit.errors import SlimkitError
+from slimkit.report.backends import _backends
 from slimkit.report.energy import _energy
 from slimkit.report.figures import COLOR_BASELINE, COLOR_OTHER, COLOR_OUTPUT, _no_data, _png
 from slimkit.report.formatting import DASH, _date, _get, task_accuracy
@@ -53,7 +54,8 @@ def render_report(metrics: dict[str, Any], path: str | Path) -> None:
 
     Args:
         metrics: The run's metrics, as in ``metrics.json`` (schema version 1). Any
-            numeric field may be null; ``targets`` may be absent.
+            numeric field may be null; ``targets`` may be absent; ``bench``, rows of
+            ``slimkit bench`` on the run, adds a section on backends.
         path: Where to write the report; written atomically.
 
     Raises:
@@ -88,6 +90,10 @@ def _render(metrics: dict[str, Any]) -> str:
     for section in pruning:
         tables.append(section["table_id"])
         plot_ids.append(section["plot"]["id"])
+    backends = _backends(metrics.get("bench"))
+    if backends:
+        tables.append("backends-table")
+        plot_ids.append(backends["plot"]["id"])
     memory = _memory_profile(metrics.get("memory_profile"))
     if memory:
         tables += ["memory-modules-table", "memory-tensors-table"]
@@ -115,6 +121,7 @@ def _render(metrics: dict[str, Any]) -> str:
         targets=_target_rows(targets) if targets else None,
         targets_met=sum(1 for t in targets or [] if t.get("met") is True),
         energy=_energy(variants),
+        backends=backends,
         training=training,
         supervised=supervised,
         image_task=_get(metrics, "task", "kind") == "image",
