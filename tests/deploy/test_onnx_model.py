@@ -49,13 +49,19 @@ def test_next_path_without_workdir_is_beside_the_file():
 
 
 def test_save_copies_the_file_atomically(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
     src = tmp_path / "a.onnx"
-    src.write_bytes(b"onnx bytes")
+    onnx.save(helper.make_model(graph), str(src))
     m = OnnxModel(src, {"kind": "callable", "ref": "x:y"})
     dest = tmp_path / "out" / "model.onnx"
     dest.parent.mkdir()
     m.save(dest)
-    assert dest.read_bytes() == b"onnx bytes"
+    assert dest.read_bytes() == src.read_bytes()
     assert sorted(p.name for p in dest.parent.iterdir()) == ["model.onnx"]
 
 

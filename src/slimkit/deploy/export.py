@@ -11,7 +11,7 @@ from typing import Literal
 import torch
 
 from slimkit.config import SlimConfig
-from slimkit.deploy.onnx_model import OnnxModel
+from slimkit.deploy.onnx_model import OnnxModel, external_tensors, one_data_file
 from slimkit.errors import SlimkitError
 from slimkit.registry import register
 from slimkit.zoo.models import LoadedModel, TextEncoder
@@ -82,6 +82,12 @@ def export(model: LoadedModel, config: ExportConfig | None = None, workdir: Path
             module, args, str(path), input_names=names, output_names=outputs,
             dynamic_axes=axes, opset_version=config.opset, dynamo=False,
         )
+    import onnx
+
+    # Over 2 GB the exporter writes each weight to its own file; keep one beside the model.
+    external = bool(external_tensors(onnx.load(str(path), load_external_data=False)))
+    if external:
+        one_data_file(path)
     hf = model.spec.get("hf_config", {})
     if config.optimize == "auto" and hf.get("model_type") in FUSABLE_MODEL_TYPES:
         from onnxruntime.transformers.fusion_options import FusionOptions
@@ -97,8 +103,9 @@ def export(model: LoadedModel, config: ExportConfig | None = None, workdir: Path
         )
         _per_layer_heads(opt.model.graph, hf["hidden_size"] // hf["num_attention_heads"])
         fused = workdir / "model.fused.onnx"
-        opt.save_model_to_file(str(fused))
+        opt.save_model_to_file(str(fused), use_external_data_format=external)
         path.unlink()
+        path.with_name(f"{path.name}.data").unlink(missing_ok=True)
         path = fused
     return OnnxModel(path, dict(model.spec), model.tokenizer, model.max_seq_len, workdir)
 

@@ -14,7 +14,8 @@ class OnnxModel:
     """An ONNX file that slimkit stages (ONNX Runtime quantization) change in place.
 
     Attributes:
-        path: the current ``.onnx`` file (self-contained, no external data).
+        path: the current ``.onnx`` file; a model over 2 GB (protobuf's limit) keeps its
+            weights in one external-data file beside it, ``<name>.data``.
         spec: the architecture description of the model it was exported from.
         tokenizer: the text model's tokenizer, if any.
         max_seq_len: the longest sequence the model accepts.
@@ -33,9 +34,58 @@ class OnnxModel:
         return workdir / f"{self.path.stem.split('.')[0]}.{tag}.onnx"
 
     def save(self, dest: Path) -> None:
+        """Copy the model to ``dest``, and its external-data file, if any, to ``<dest>.data``."""
+        import onnx
+
         from slimkit.atomic import write_with
 
-        write_with(dest, lambda tmp: shutil.copyfile(self.path, tmp))
+        proto = onnx.load(str(self.path), load_external_data=False)
+        external = external_tensors(proto)
+        if not external:
+            write_with(dest, lambda tmp: shutil.copyfile(self.path, tmp))
+            return
+        if len(set(external.values())) > 1:
+            one_data_file(self.path)
+            proto = onnx.load(str(self.path), load_external_data=False)
+            external = external_tensors(proto)
+        data = dest.with_name(f"{dest.name}.data")
+        source = self.path.parent / next(iter(external.values()))
+        write_with(data, lambda tmp: shutil.copyfile(source, tmp))
+        for t in proto.graph.initializer:
+            for entry in t.external_data:
+                if entry.key == "location":
+                    entry.value = data.name
+        write_with(dest, lambda tmp: onnx.save(proto, str(tmp)))
+
+
+def external_tensors(proto: Any) -> dict[str, str]:
+    """Initializer name -> the external-data file (relative to the model) it is stored in."""
+    from onnx.external_data_helper import uses_external_data
+
+    return {t.name: next(e.value for e in t.external_data if e.key == "location")
+            for t in proto.graph.initializer if uses_external_data(t)}
+
+
+def one_data_file(path: Path) -> None:
+    """Rewrite the model at ``path`` with all its external weights in one file, ``<name>.data``
+    (the exporter writes one file per tensor), removing the files it replaces."""
+    import onnx
+
+    old = set(external_tensors(onnx.load(str(path), load_external_data=False)).values())
+    proto = onnx.load(str(path))  # with the weights
+    data = path.with_name(f"{path.name}.data")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp_data = f"{tmp.name}.data"
+    onnx.save(proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True, location=tmp_data)
+    for t in proto.graph.initializer:  # point at the final name before moving
+        for entry in t.external_data:
+            if entry.key == "location":
+                entry.value = data.name
+    onnx.save(proto, str(tmp))  # the graph only: the weights stay in the data file
+    (path.parent / tmp_data).replace(data)
+    tmp.replace(path)
+    for name in old - {data.name}:
+        (path.parent / name).unlink(missing_ok=True)
 
 
 _FUSED = {

@@ -10,7 +10,7 @@ from pydantic import Field
 from slimkit.config import LayerSelector, SlimConfig
 from slimkit.deploy.onnx_model import node_layer_name
 from slimkit.layers import select_names
-from slimkit.quantize.ort import _check_onnx, _quiet
+from slimkit.quantize.ort import _check_onnx, _external, _quiet, _save
 from slimkit.registry import register
 
 
@@ -34,6 +34,7 @@ def _fp16(model: Any, config: OrtFp16Config, **_) -> list[str]:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     model = _check_onnx(model, config)
+    external = _external(onnx.load(str(model.path), load_external_data=False).graph)
     proto = onnx.load(str(model.path))
     named = [n for n in proto.graph.node if n.name]
     layer_of = {n.name: node_layer_name(n.name, n.op_type) for n in named}
@@ -42,6 +43,6 @@ def _fp16(model: Any, config: OrtFp16Config, **_) -> list[str]:
     with _quiet():
         half = convert_float_to_float16(proto, keep_io_types=True, node_block_list=keep)
     out = model.next_path("fp16")
-    onnx.save(half, str(out))
+    _save(half, out, external)
     model.path = out
     return sorted(chosen)
