@@ -78,3 +78,17 @@ def test_exported_and_quantized_model_saves_and_loads(tmp_path):
     assert back.spec == SPEC_MLP
     assert back._slimkit_transforms == meta["transforms"]
     np.testing.assert_array_equal(run_onnx(back.path, x), before)
+
+
+class _Bessel(torch.nn.Module):
+    def forward(self, x):
+        return torch.special.bessel_j0(x)  # no ONNX symbolic
+
+
+def test_an_operator_without_onnx_export_is_named_with_its_layer(tmp_path):
+    module = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Sequential(torch.nn.ReLU(), _Bessel()))
+    model = LoadedModel(module, {"kind": "callable", "ref": "x:y"}, example_inputs=(torch.randn(1, 4),))
+    with pytest.raises(SlimkitError, match=r"operator 'aten::special_bessel_j0' in layer '1.1' \(_Bessel\) has no "
+                                           r"ONNX export at opset 17; .*register_custom_op_symbolic"):
+        export(model, ExportConfig(optimize="none"), workdir=tmp_path)
+    assert list(tmp_path.iterdir()) == []  # nothing half-written

@@ -56,7 +56,7 @@ def test_a_saved_model_carries_its_data_file_and_loads(external, tmp_path):
     np.testing.assert_array_equal(run(loaded.path, x), ref)
 
 
-@pytest.mark.parametrize("config", [OrtDynamicInt8Config(), OrtStaticInt8Config(), OrtFp16Config()],
+@pytest.mark.parametrize("config", [OrtDynamicInt8Config(), OrtStaticInt8Config(calibration_samples=4), OrtFp16Config()],
                          ids=["dynamic", "static", "fp16"])
 def test_quantized_versions_keep_external_weights(external, tmp_path, config):
     model, module = external

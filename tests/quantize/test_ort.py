@@ -85,7 +85,7 @@ def test_dynamic_int8_ignore_keeps_a_gemm_layer_in_fp32(exported):
 
 def test_static_int8_ignore_keeps_a_gemm_layer_in_fp32(exported):
     calibration = [{"input_0": inputs(8, seed=s).numpy()} for s in range(3)]
-    layers = quantize_(exported, OrtStaticInt8Config(layers=LayerSelector(ignore=["2"])), calibration=calibration)
+    layers = quantize_(exported, OrtStaticInt8Config(calibration_samples=len(calibration), layers=LayerSelector(ignore=["2"])), calibration=calibration)
     assert layers == ["0"]
     graph = onnx.load(str(exported.path)).graph
     gemm2 = next(n for n in graph.node if n.name == "/2/Gemm")
@@ -126,7 +126,7 @@ def test_static_int8_refuses_nan_calibration(exported):
     bad[1, 3] = np.nan
     calibration = [{"input_0": inputs(4).numpy()}, {"input_0": bad}]
     with pytest.raises(DataError, match="calibration batch 1, input 'input_0'"):
-        quantize_(exported, OrtStaticInt8Config(), calibration=calibration)
+        quantize_(exported, OrtStaticInt8Config(calibration_samples=len(calibration)), calibration=calibration)
 
 
 @pytest.mark.parametrize("cfg", [OrtDynamicInt8Config(), OrtStaticInt8Config()])
@@ -207,7 +207,7 @@ def test_static_int8_auto_calibrates_only_layers_without_a_trained_range(tmp_pat
     with pytest.raises(DataError, match="layers without a trained range: 2"):
         quantize_(model, OrtStaticInt8Config(), source=source)
     calibration = [{"input_0": inputs(8, seed=s).numpy()} for s in range(3)]
-    quantize_(model, OrtStaticInt8Config(), calibration=calibration, source=source)
+    quantize_(model, OrtStaticInt8Config(calibration_samples=len(calibration)), calibration=calibration, source=source)
     found = input_qparams(model.path)
     assert found["/0/Gemm"] == TRAINED["0"] and found["/2/Gemm"] != TRAINED["2"]
 
@@ -223,7 +223,7 @@ def test_static_int8_trained_names_layers_without_a_range(tmp_path):
 def test_static_int8_calibrate_ignores_trained_ranges(tmp_path):
     model, source = exported_with_ranges(tmp_path, TRAINED)
     calibration = [{"input_0": inputs(8, seed=s).numpy()} for s in range(3)]
-    quantize_(model, OrtStaticInt8Config(activation_ranges="calibrate"), calibration=calibration, source=source)
+    quantize_(model, OrtStaticInt8Config(calibration_samples=len(calibration), activation_ranges="calibrate"), calibration=calibration, source=source)
     assert TRAINED["0"] not in input_qparams(model.path).values()
 
 
@@ -260,7 +260,7 @@ def test_static_int8_reads_the_graph_without_its_weights_when_calibrating(tmp_pa
     spy = LoadSpy()
     monkeypatch.setattr(ort_module, "onnx", spy)
     calibration = [{"input_0": inputs(8, seed=s).numpy()} for s in range(3)]
-    quantize_(model, OrtStaticInt8Config(activation_ranges="calibrate"), calibration=calibration, source=source)
+    quantize_(model, OrtStaticInt8Config(calibration_samples=len(calibration), activation_ranges="calibrate"), calibration=calibration, source=source)
     assert spy.external and set(spy.external) == {False}  # the graph, never its weights
     assert not (tmp_path / "model.ranges.onnx").exists()
 
@@ -313,7 +313,7 @@ def test_static_int8_keeps_a_cnn_int8_between_its_layers(tmp_path, ops, between)
     onnx_model, module = exported_cnn(tmp_path)
     g = torch.Generator().manual_seed(3)
     calibration = [{"input_0": torch.rand(2, 3, 16, 16, generator=g).numpy()} for _ in range(8)]
-    layers = quantize_(onnx_model, OrtStaticInt8Config(ops=ops), calibration=calibration)
+    layers = quantize_(onnx_model, OrtStaticInt8Config(calibration_samples=len(calibration), ops=ops), calibration=calibration)
     assert layers == ["block.0", "block.3", "head", "stem.0"]
     graph = onnx.load(str(onnx_model.path)).graph
     consumers = {i: n.op_type for n in graph.node for i in n.input}
@@ -326,3 +326,10 @@ def test_static_int8_keeps_a_cnn_int8_between_its_layers(tmp_path, ops, between)
         ref = module(x).numpy()
     out = run_onnx(onnx_model.path, x)
     assert cosine_rows(out, ref).min() > 0.98
+
+
+def test_static_int8_refuses_fewer_calibration_examples_than_asked(exported):
+    calibration = [{"input_0": inputs(8, seed=s).numpy()} for s in range(3)]
+    with pytest.raises(DataError, match="asked for calibration_samples=128 train-split examples but got 3"):
+        quantize_(exported, OrtStaticInt8Config(), calibration=calibration)
+    assert exported.path.name == "model.export.onnx"  # nothing was written in its place

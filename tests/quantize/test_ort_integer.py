@@ -62,7 +62,7 @@ def test_fused_attention_and_matmuls_become_integer_kernels(tiny_bert, tmp_path)
     feeds = tiny_bert[1]
     ref = run(model.path, feeds)
     assert [n.op_type for n in onnx.load(str(model.path)).graph.node].count("Attention") == 2
-    layers = quantize_(model, OrtStaticInt8Config(), calibration=feeds)
+    layers = quantize_(model, OrtStaticInt8Config(calibration_samples=8), calibration=feeds)
     ops = [n.op_type for n in onnx.load(str(model.path)).graph.node]
     # Two layers: QAttention each, and the attention output, FFN in and FFN out as
     # MatMulIntegerToFloat, the biases folded in (no Add after them but the residuals).
@@ -103,7 +103,7 @@ def test_smoothing_raises_fidelity(tiny_bert, tmp_path):
     for strength in (0.0, 0.8):
         model = fused(tiny_bert, tmp_path / str(strength))
         ref = run(model.path, feeds)
-        quantize_(model, OrtStaticInt8Config(smoothing=strength), calibration=feeds)
+        quantize_(model, OrtStaticInt8Config(calibration_samples=8, smoothing=strength), calibration=feeds)
         out, ref = np.delete(run(model.path, feeds), 3, axis=1), np.delete(ref, 3, axis=1)  # but the outlier
         found[strength] = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
     assert found[0.8] < 0.8 * found[0.0]  # measured 0.68x
@@ -112,16 +112,16 @@ def test_smoothing_raises_fidelity(tiny_bert, tmp_path):
 def test_integer_form_refuses_histogram_calibration_and_convolutions(tiny_bert, tmp_path):
     model = fused(tiny_bert, tmp_path)
     with pytest.raises(ConfigError, match="minmax per channel"):
-        quantize_(model, OrtStaticInt8Config(calibrate_method="entropy"), calibration=tiny_bert[1])
+        quantize_(model, OrtStaticInt8Config(calibration_samples=8, calibrate_method="entropy"), calibration=tiny_bert[1])
     with pytest.raises(ConfigError, match="form 'integer'"):
-        quantize_(model, OrtStaticInt8Config(form="qdq", smoothing=0.5), calibration=tiny_bert[1])
+        quantize_(model, OrtStaticInt8Config(calibration_samples=8, form="qdq", smoothing=0.5), calibration=tiny_bert[1])
 
 
 def test_qdq_form_of_a_fused_graph_quantizes_every_matmul_and_keeps_residuals_float(tiny_bert, tmp_path):
     model = fused(tiny_bert, tmp_path)
     feeds = tiny_bert[1]
     ref = run(model.path, feeds)
-    quantize_(model, OrtStaticInt8Config(form="qdq"), calibration=feeds)
+    quantize_(model, OrtStaticInt8Config(calibration_samples=8, form="qdq"), calibration=feeds)
     graph = onnx.load(str(model.path)).graph
     producer = {o: n for n in graph.node for o in n.output}
     matmuls = [n for n in graph.node if n.op_type == "MatMul"]
@@ -170,7 +170,7 @@ def test_static_int8_fallback_keeps_the_most_sensitive_layers_float(tiny_bert, t
         return scores
 
     monkeypatch.setattr(sensitivity, "linear_sensitivity", fake)
-    layers = quantize_(model, OrtStaticInt8Config(fallback_layers=1), calibration=tiny_bert[1], source=tiny_bert[0])
+    layers = quantize_(model, OrtStaticInt8Config(calibration_samples=8, fallback_layers=1), calibration=tiny_bert[1], source=tiny_bert[0])
     assert "backbone.encoder.layer.1.output.dense" not in layers and len(layers) == 7
     ops = [n.op_type for n in onnx.load(str(model.path)).graph.node]
     assert ops.count("MatMulIntegerToFloat") == 5 and ops.count("MatMul") == 1
@@ -182,11 +182,11 @@ def test_symmetric_activations_are_int8_with_zero_point_zero(tiny_bert, tmp_path
     model = export(tiny_bert[0], ExportConfig(optimize="none"), workdir=tmp_path)
     feeds = tiny_bert[1]
     ref = run(model.path, feeds)
-    quantize_(model, OrtStaticInt8Config(symmetric_activations=True), calibration=feeds)
+    quantize_(model, OrtStaticInt8Config(calibration_samples=8, symmetric_activations=True), calibration=feeds)
     graph = onnx.load(str(model.path)).graph
     weights = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     zero_points = [weights[n.input[2]] for n in graph.node if n.op_type == "QuantizeLinear"]
     assert zero_points and all(z.dtype == np.int8 and not z.any() for z in zero_points)
     assert cosine(ref, run(model.path, feeds)).min() >= 0.98
     with pytest.raises(ConfigError, match="form 'qdq'"):
-        quantize_(fused(tiny_bert, tmp_path / "f"), OrtStaticInt8Config(symmetric_activations=True), calibration=feeds)
+        quantize_(fused(tiny_bert, tmp_path / "f"), OrtStaticInt8Config(calibration_samples=8, symmetric_activations=True), calibration=feeds)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tempfile
 import warnings
 from contextlib import contextmanager
@@ -76,12 +77,23 @@ def export(model: LoadedModel, config: ExportConfig | None = None, workdir: Path
         outputs = ["output"]
     with warnings.catch_warnings(), torch.no_grad(), _eager_attention(module):
         warnings.simplefilter("ignore")
-        # The TorchScript exporter names nodes by module path and produces the attention
-        # pattern that ONNX Runtime's optimizer fuses; the dynamo exporter does neither yet.
-        torch.onnx.export(
-            module, args, str(path), input_names=names, output_names=outputs,
-            dynamic_axes=axes, opset_version=config.opset, dynamo=False,
-        )
+        try:
+            # The TorchScript exporter names nodes by module path and produces the attention
+            # pattern that ONNX Runtime's optimizer fuses; the dynamo exporter does neither yet.
+            torch.onnx.export(
+                module, args, str(path), input_names=names, output_names=outputs,
+                dynamic_axes=axes, opset_version=config.opset, dynamo=False,
+            )
+        except torch.onnx.errors.UnsupportedOperatorError as e:
+            path.unlink(missing_ok=True)
+            found = re.search(r"'(\w+)::([\w.]+)'", str(e))
+            op = found.group(2) if found else None
+            layer = _layer_calling(module, args, op) if op else None
+            where = f" in layer {layer[0]!r} ({layer[1]})" if layer else ""
+            raise SlimkitError(
+                f"operator {found.group(0) if found else e}{where} has no ONNX export at opset {config.opset}; "
+                "rewrite the layer with operators ONNX has, register a symbolic for it "
+                "(torch.onnx.register_custom_op_symbolic), or try a higher export.opset") from None
     import onnx
 
     # Over 2 GB the exporter writes each weight to its own file; keep one beside the model.
@@ -108,6 +120,31 @@ def export(model: LoadedModel, config: ExportConfig | None = None, workdir: Path
         path.with_name(f"{path.name}.data").unlink(missing_ok=True)
         path = fused
     return OnnxModel(path, dict(model.spec), model.tokenizer, model.max_seq_len, workdir)
+
+
+def _layer_calling(module: torch.nn.Module, args: tuple, op: str) -> tuple[str, str] | None:
+    """The qualified name and type of the innermost layer whose forward calls ATen ``op``."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.module_tracker import ModuleTracker
+
+    root = type(module).__name__
+    found: list[str] = []
+    with ModuleTracker() as tracker:
+        class Spy(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if not found and func.__name__.split(".")[0] == op:
+                    found.append(max(tracker.parents, key=len))
+                return func(*args, **(kwargs or {}))
+
+        try:
+            with torch.no_grad(), Spy():
+                module(*args)
+        except Exception:  # noqa: BLE001 - naming the layer is a courtesy; the export error stands
+            return None
+    if not found or found[0] in ("Global", root):
+        return None
+    name = found[0].removeprefix(f"{root}.")
+    return name, type(module.get_submodule(name)).__name__
 
 
 def _per_layer_heads(graph, head_size: int) -> None:

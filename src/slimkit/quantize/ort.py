@@ -218,12 +218,18 @@ def _static(model: Any, config: OrtStaticInt8Config, calibration: list[dict[str,
 
 def _calibration(calibration: list[dict[str, np.ndarray]] | None, samples: int, layers: list[str],
                  trained: dict[str, Any] | None = None) -> list[dict[str, np.ndarray]]:
-    """The calibration inputs to use, checked: refused when absent or not finite."""
+    """The calibration inputs to use, checked: refused when absent, fewer than asked for, or not finite."""
     calibrated = [layer for layer in layers if layer not in (trained or {})]
     if calibrated and not calibration:
         raise DataError(
             "static quantization needs calibration data from the train split; none was given"
             + (f" (layers without a trained range: {', '.join(calibrated[:4])})" if trained else "")
+        )
+    if calibrated and len(calibration) < samples:
+        raise DataError(
+            f"static quantization asked for calibration_samples={samples} train-split examples but got "
+            f"{len(calibration)}: ranges from so few would not cover the inputs it will see; use a larger train "
+            f"split, or lower calibration_samples to {len(calibration)} or fewer knowingly"
         )
     if calibration:
         check_finite(calibration)
