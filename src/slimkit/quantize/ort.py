@@ -248,13 +248,17 @@ def _integer(model: OnnxModel, proto: onnx.ModelProto, keep: list[str], calibrat
     for node in embeddings:
         _own_weights(proto.graph, node)
     out = model.next_path("int8")
-    _save(proto, out, external)
-    if config.quantize_embeddings and embeddings:
+    if not (config.quantize_embeddings and embeddings):
+        _save(proto, out, external)
+    else:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
+        kernels = model.next_path("integer")
+        _save(proto, kernels, external)
         # Weight-only: ONNX Runtime's quantizer writes QEmbedLayerNormalization with int8 tables.
         with _quiet():
-            quantize_dynamic(str(out), str(out), weight_type=QuantType.QUInt8, op_types_to_quantize=["EmbedLayerNormalization"],
+            quantize_dynamic(str(kernels), str(out), weight_type=QuantType.QUInt8,
+                             op_types_to_quantize=["EmbedLayerNormalization"],
                              extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
                              use_external_data_format=external)
     model.path = out
