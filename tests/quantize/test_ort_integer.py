@@ -190,3 +190,16 @@ def test_symmetric_activations_are_int8_with_zero_point_zero(tiny_bert, tmp_path
     assert cosine(ref, run(model.path, feeds)).min() >= 0.98
     with pytest.raises(ConfigError, match="form 'qdq'"):
         quantize_(fused(tiny_bert, tmp_path / "f"), OrtStaticInt8Config(calibration_samples=8, symmetric_activations=True), calibration=feeds)
+
+
+def test_integer_form_names_a_convolution_it_cannot_quantize(tmp_path):
+    from tiny_models import tiny_classifier
+
+    from slimkit.zoo.models import LoadedModel
+
+    module, example = tiny_classifier()
+    model = export(LoadedModel(module.eval(), {"kind": "callable", "ref": "tiny_models:tiny_classifier"},
+                               example_inputs=example), ExportConfig(), workdir=tmp_path)
+    calibration = [{"input_0": torch.rand(2, 3, 16, 16).numpy()} for _ in range(4)]
+    with pytest.raises(ConfigError, match=r"node '/block/block.0/Conv' is a Conv: use form 'qdq'"):
+        quantize_(model, OrtStaticInt8Config(form="integer", calibration_samples=4), calibration=calibration)

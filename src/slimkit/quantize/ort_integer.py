@@ -64,10 +64,10 @@ def integer_nodes(graph: onnx.GraphProto, names: set[str]) -> list[onnx.NodeProt
         ConfigError: a chosen Conv or Gemm, which this form has no kernel for.
     """
     weights = {t.name for t in graph.initializer}
-    other = sorted(n.name for n in graph.node if n.name in names and n.op_type in ("Conv", "Gemm"))
+    other = sorted((n.name, n.op_type) for n in graph.node if n.name in names and n.op_type in ("Conv", "Gemm"))
     if other:
-        raise ConfigError(f"form 'integer' quantizes MatMul and fused Attention only; {other[0]!r} is a "
-                          f"{'Conv' if 'Conv' in other[0] else 'Conv/Gemm'} layer: use form 'qdq' for this graph")
+        raise ConfigError(f"form 'integer' quantizes MatMul and fused Attention only; node {other[0][0]!r} is a "
+                          f"{other[0][1]}: use form 'qdq' for this graph, or leave the layer out with layers.ignore")
     return [n for n in graph.node if n.name in names and n.op_type in INTEGER_OPS and len(n.input) > 1
             and n.input[1] in weights and not any(a.name == "qkv_hidden_sizes" for a in n.attribute)]
 
@@ -177,10 +177,10 @@ def write_integer_(proto: onnx.ModelProto, nodes: list[onnx.NodeProto],
 
 
 def quantize_integer(proto: onnx.ModelProto, names: set[str], calibration: list[dict[str, np.ndarray]],
-                     strength: float, per_channel: bool = True) -> list[onnx.NodeProto]:
+                     strength: float, per_channel: bool = True) -> list[str]:
     """Static int8 of the chosen MatMul/Attention nodes of ``proto`` (weights loaded), in place.
 
-    Returns the nodes that were quantized (before replacement).
+    Returns the names of the nodes that were quantized.
     """
     nodes = integer_nodes(proto.graph, names)
     ranges = channel_ranges(proto, calibration, sorted({n.input[0] for n in nodes}))
@@ -192,7 +192,7 @@ def quantize_integer(proto: onnx.ModelProto, names: set[str], calibration: list[
     current = {n.name: n for n in proto.graph.node}
     nodes = [current[n.name] for n in nodes]
     write_integer_(proto, nodes, inputs, per_channel)
-    return nodes
+    return [n.name for n in nodes]
 
 
 def _vector_bias(add: onnx.NodeProto, weights: dict[str, Any], width: int) -> bool:
