@@ -203,3 +203,15 @@ def test_integer_form_names_a_convolution_it_cannot_quantize(tmp_path):
     calibration = [{"input_0": torch.rand(2, 3, 16, 16).numpy()} for _ in range(4)]
     with pytest.raises(ConfigError, match=r"node '/block/block.0/Conv' is a Conv: use form 'qdq'"):
         quantize_(model, OrtStaticInt8Config(form="integer", calibration_samples=4), calibration=calibration)
+
+
+def test_an_attention_without_an_int8_kernel_stays_float_and_is_not_reported(tiny_bert, tmp_path):
+    model = fused(tiny_bert, tmp_path)
+    proto = onnx.load(str(model.path))
+    node = next(n for n in proto.graph.node if n.op_type == "Attention")
+    node.attribute.append(onnx.helper.make_attribute("qkv_hidden_sizes", [32, 32, 32]))  # QAttention has no such form
+    onnx.save(proto, str(model.path))
+    layers = quantize_(model, OrtStaticInt8Config(calibration_samples=8), calibration=tiny_bert[1])
+    ops = [n.op_type for n in onnx.load(str(model.path)).graph.node]
+    assert ops.count("Attention") == 1 and ops.count("QAttention") == 1
+    assert "backbone.encoder.layer.0.attention.self" not in layers and len(layers) == 7

@@ -210,7 +210,10 @@ def _static(model: Any, config: OrtStaticInt8Config, calibration: list[dict[str,
     keep, layers = _choose_nodes(proto.graph, selector, ops)
     if form == "integer":
         calibration = _calibration(calibration, config.calibration_samples, layers)
-        _integer(model, proto, keep, calibration, smoothing, config)
+        op_of = {n.name: n.op_type for n in proto.graph.node}
+        done = _integer(model, proto, keep, calibration, smoothing, config)
+        # An attention node with unequal query/key/value widths has no int8 kernel and stays float.
+        layers = sorted({node_layer_name(name, op_of[name]) for name in done})
     else:
         _qdq(model, proto, config, keep, layers, trained, calibration)
     return layers
@@ -237,13 +240,14 @@ def _calibration(calibration: list[dict[str, np.ndarray]] | None, samples: int, 
 
 
 def _integer(model: OnnxModel, proto: onnx.ModelProto, keep: list[str], calibration: list[dict[str, np.ndarray]],
-             smoothing: float, config: OrtStaticInt8Config) -> None:
+             smoothing: float, config: OrtStaticInt8Config) -> list[str]:
+    """Write the integer form; the names of the nodes quantized."""
     from slimkit.quantize.ort_integer import quantize_integer
 
     external = _external(proto.graph)
     _load_weights(proto, model.path)
     names = {n.name for n in proto.graph.node} - set(keep)
-    quantize_integer(proto, names, calibration, smoothing, config.per_channel)
+    done = quantize_integer(proto, names, calibration, smoothing, config.per_channel)
     embeddings = [n for n in proto.graph.node if n.op_type == "EmbedLayerNormalization"]
     for node in embeddings:
         _own_weights(proto.graph, node)
@@ -262,6 +266,7 @@ def _integer(model: OnnxModel, proto: onnx.ModelProto, keep: list[str], calibrat
                              extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
                              use_external_data_format=external)
     model.path = out
+    return done
 
 
 def _qdq(model: OnnxModel, proto: onnx.ModelProto, config: OrtStaticInt8Config, keep: list[str], layers: list[str],
