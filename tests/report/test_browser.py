@@ -100,6 +100,7 @@ def test_screenshot_is_not_blank(report, tmp_path):
 @pytest.mark.parametrize("section, ids", [
     ("with_training", ["plot-training", "training-table"]),
     ("with_pruning", ["plot-sensitivity-0", "pruning-table-0"]),
+    ("with_backends", ["plot-backends", "backends-table"]),
 ])
 def test_report_with_an_optional_section_passes_its_self_check(section, ids, tmp_path):
     import test_html

@@ -284,3 +284,21 @@ def test_device_estimates_are_columns_of_the_energy_table(metrics, tmp_path):
 
 def test_no_device_columns_without_device_estimates(metrics, tmp_path):
     assert "estimated (ms / mJ)" not in render(metrics, tmp_path)
+
+
+def with_backends(metrics: dict) -> dict:
+    """The sample run after ``slimkit bench``, with device estimates in its energy records."""
+    rows = [{"variant": v, "backend": b, "threads": t, "batch": 1, "median_ms": m * t ** -0.5, "p10_ms": m * 0.9 * t ** -0.5,
+             "p90_ms": m * 1.1 * t ** -0.5, "throughput_per_s": 1000 / m, "ratio_to_reference": m / 30.0}
+            for v, b, m in [("fp32", "torch", 30.0), ("fp32", "ort", 20.0), ("slimkit-int8", "ort", 8.0)] for t in (1, 2)]
+    for v in metrics["variants"]:
+        v["energy"]["devices"] = [{"device": "raspberry-pi-5", "latency_ms": 80.0, "energy_mj": 400.0, "bound": "compute"}]
+    return {**metrics, "bench": {"reference": "fp32/torch", "rounds": 5, "iters": 10, "warmup": 3, "rows": rows}}
+
+
+def test_the_backends_section_shows_every_row(metrics, tmp_path):
+    html = render(with_backends(metrics), tmp_path)
+    table = re.search(r'<table id="backends-table">.*?</table>', html, re.S).group(0)
+    assert table.count("<tr>") == 1 + 6 and "<td>slimkit-int8</td><td>ort</td>" in table
+    assert img_src(html, "plot-backends").startswith("data:image/png;base64,")
+    assert "ratios are to fp32/torch" in html

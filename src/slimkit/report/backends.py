@@ -55,4 +55,5 @@ def _plot(rows: list[dict[str, Any]], batches: list[int]) -> str:
             ax.set_title(f"Batch {b}")
         axes[0].legend(fontsize=7, frameon=False)
 
-    return _png(draw, (4.2 * max(len(batches), 1), 3.0))
+    # One panel would stretch over the page's width: keep it wide and short.
+    return _png(draw, (7.5, 2.6) if len(batches) <= 1 else (4.2 * len(batches), 2.8))
