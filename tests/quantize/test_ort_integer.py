@@ -215,3 +215,21 @@ def test_an_attention_without_an_int8_kernel_stays_float_and_is_not_reported(tin
     ops = [n.op_type for n in onnx.load(str(model.path)).graph.node]
     assert ops.count("Attention") == 1 and ops.count("QAttention") == 1
     assert "backbone.encoder.layer.0.attention.self" not in layers and len(layers) == 7
+
+
+def test_smoothing_leaves_a_weight_two_layers_share_alone():
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(4, 3)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["a"], name="first"),
+             helper.make_node("MatMul", ["x2", "w"], ["b"], name="second")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 4]) for n in ("x", "x2")],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 3]) for n in ("a", "b")],
+                              [numpy_helper.from_array(w, "w")])
+    proto = helper.make_model(graph)
+    ranges = {"x": (np.full(4, -1.0), np.array([1.0, 50.0, 1.0, 1.0])), "x2": (np.full(4, -1.0), np.ones(4))}
+    out = smooth_(proto, list(proto.graph.node), ranges, 0.8)
+    assert [n.op_type for n in proto.graph.node] == ["MatMul", "MatMul"]  # no Mul inserted
+    np.testing.assert_array_equal(numpy_helper.to_array(proto.graph.initializer[0]), w)
+    assert out["x"][1][1] == 50.0

@@ -57,19 +57,20 @@ def channel_ranges(proto: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
 
 
 def integer_nodes(graph: onnx.GraphProto, names: set[str]) -> list[onnx.NodeProto]:
-    """The nodes among ``names`` this pass quantizes: MatMul and Attention with a weight
+    """The nodes among ``names`` this pass quantizes: MatMul and Attention with a 2-D weight
     initializer (an Attention with unequal query/key/value widths has no int8 kernel).
 
     Raises:
         ConfigError: a chosen Conv or Gemm, which this form has no kernel for.
     """
-    weights = {t.name for t in graph.initializer}
+    weights = {t.name: t for t in graph.initializer}
     other = sorted((n.name, n.op_type) for n in graph.node if n.name in names and n.op_type in ("Conv", "Gemm"))
     if other:
         raise ConfigError(f"form 'integer' quantizes MatMul and fused Attention only; node {other[0][0]!r} is a "
                           f"{other[0][1]}: use form 'qdq' for this graph, or leave the layer out with layers.ignore")
     return [n for n in graph.node if n.name in names and n.op_type in INTEGER_OPS and len(n.input) > 1
-            and n.input[1] in weights and not any(a.name == "qkv_hidden_sizes" for a in n.attribute)]
+            and n.input[1] in weights and len(weights[n.input[1]].dims) == 2
+            and not any(a.name == "qkv_hidden_sizes" for a in n.attribute)]
 
 
 def smooth_(proto: onnx.ModelProto, nodes: list[onnx.NodeProto], ranges: dict[str, tuple[np.ndarray, np.ndarray]],
@@ -90,6 +91,9 @@ def smooth_(proto: onnx.ModelProto, nodes: list[onnx.NodeProto], ranges: dict[st
     for node in nodes:
         x = node.input[0]
         lo, hi = ranges[x]
+        if readers[node.input[1]] > 1:  # a weight another node reads too cannot absorb this input's scales
+            out[x] = (lo, hi)
+            continue
         w = numpy_helper.to_array(weights[node.input[1]]).astype(np.float32)
         alpha = (np.maximum(np.maximum(-lo, hi), _TINY) ** strength
                  / np.maximum(np.abs(w).max(axis=1), _TINY) ** (1 - strength)).astype(np.float32)
