@@ -45,7 +45,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import WORK, target, work_folder, write_result  # noqa: E402
+from _common import WORK, git_commit, target, work_folder, write_result  # noqa: E402
 
 from slimkit.measure.latency import paired_ratio  # noqa: E402
 
@@ -115,7 +115,11 @@ TEXT_QUICK = ["task.train_limit=200", "task.test_limit=100", "measure.rounds=1",
 
 
 def run_recipe(recipe: dict, folder: Path, overrides: list[str]) -> tuple[dict, float | None]:
-    """``slimkit run`` ``recipe`` into ``folder`` (or read the finished run there); its metrics and wall time."""
+    """``slimkit run`` ``recipe`` into ``folder`` (or read the finished run there); its metrics and wall time.
+
+    The commit the run was made with is kept beside it (``<folder>.commit``): a finished
+    run read by a later commit says which code measured it.
+    """
     if (folder / "metrics.json").is_file():
         return json.loads((folder / "metrics.json").read_text()), None
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -125,6 +129,7 @@ def run_recipe(recipe: dict, folder: Path, overrides: list[str]) -> tuple[dict, 
     if not sys.stderr.isatty():
         cmd.append("--no-progress")
     started = time.time()
+    folder.with_name(f"{folder.name}.commit").write_text(f"{git_commit()}\n")
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         print(f"{NAME}: `slimkit run` failed for {folder.name} (exit {proc.returncode})", file=sys.stderr)
@@ -224,6 +229,7 @@ def main() -> int:
         "quick": args.quick, "vision_recipe": str(VISION_RECIPE.relative_to(ROOT)),
         "overrides": {"mobilenetv2": VISION_QUICK if args.quick else [], "minilm": TEXT_QUICK if args.quick else []},
         "pruned_minilm": str(pruned_minilm.relative_to(ROOT)) if pruned_minilm.is_relative_to(ROOT) else pruned_minilm.name,
+        "runs_measured_at_commit": {name: _commit_of(work / name) for name in ("mobilenetv2", "minilm")},
         "mobilenetv2": variant_summary(mnv2, mnv2_wall), "minilm": variant_summary(minilm, minilm_wall),
         "export_checks": checks,
     }
@@ -231,6 +237,11 @@ def main() -> int:
     path = write_result(NAME, h["threads"], h["device"], body, targets, args.out)
     print(path.read_text())
     return 0
+
+
+def _commit_of(folder: Path) -> str | None:
+    stamp = folder.with_name(f"{folder.name}.commit")
+    return stamp.read_text().strip() if stamp.is_file() else None
 
 
 def kept_pruned_minilm() -> Path:
