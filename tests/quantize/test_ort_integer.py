@@ -233,3 +233,18 @@ def test_smoothing_leaves_a_weight_two_layers_share_alone():
     assert [n.op_type for n in proto.graph.node] == ["MatMul", "MatMul"]  # no Mul inserted
     np.testing.assert_array_equal(numpy_helper.to_array(proto.graph.initializer[0]), w)
     assert out["x"][1][1] == 50.0
+
+
+def test_smoothing_skips_inputs_without_outliers_unless_it_is_free(tiny_bert, tmp_path):
+    model = fused(tiny_bert, tmp_path)
+    feeds = tiny_bert[1]
+    proto = onnx.load(str(model.path))
+    before = [n.op_type for n in proto.graph.node].count("Mul")
+    nodes = integer_nodes(proto.graph, {n.name for n in proto.graph.node})
+    ranges = channel_ranges(proto, feeds, sorted({n.input[0] for n in nodes}))
+    nodes.sort(key=lambda n: n.op_type != "MatMul")
+    smoothed = smooth_(proto, nodes, ranges, 0.8, min_spread=1e6)
+    assert [n.op_type for n in proto.graph.node].count("Mul") == before  # no Mul was worth it
+    after_attention = [n for n in nodes if "attention/output" in n.name]
+    assert len(after_attention) == 2 and all(
+        not np.array_equal(smoothed[n.input[0]][1], ranges[n.input[0]][1]) for n in after_attention)

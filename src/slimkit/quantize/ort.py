@@ -93,6 +93,10 @@ class OrtStaticInt8Config(SlimConfig):
         smoothing: SmoothQuant migration strength in [0, 1] for form ``integer``: how much
             of each input channel's outlier range moves into the weights (0: none). Unset:
             0.8 for form ``integer``, 0 for ``qdq``.
+        smoothing_min_spread: smooth a layer only where its input channels' largest
+            magnitude is at least this many times their median (where the outliers are),
+            as each smoothed input costs an elementwise ``Mul``; 0 smooths every layer.
+            After a fused attention node smoothing is free and always done.
         fallback_layers: keep in fp32 the N Linear layers whose quantization moves the
             output most, scored on the PyTorch model before export with train-split
             calibration inputs (as ``ort_dynamic_int8``'s).
@@ -109,6 +113,7 @@ class OrtStaticInt8Config(SlimConfig):
     ops: Literal["auto", "weighted", "all"] = "auto"
     form: Literal["auto", "qdq", "integer"] = "auto"
     smoothing: float | None = Field(None, ge=0.0, le=1.0)
+    smoothing_min_spread: float = Field(8.0, ge=0.0)
     quantize_embeddings: bool = True
     symmetric_activations: bool = False
     fallback_layers: int = Field(0, ge=0)
@@ -247,7 +252,7 @@ def _integer(model: OnnxModel, proto: onnx.ModelProto, keep: list[str], calibrat
     external = _external(proto.graph)
     _load_weights(proto, model.path)
     names = {n.name for n in proto.graph.node} - set(keep)
-    done = quantize_integer(proto, names, calibration, smoothing, config.per_channel)
+    done = quantize_integer(proto, names, calibration, smoothing, config.per_channel, config.smoothing_min_spread)
     embeddings = [n for n in proto.graph.node if n.op_type == "EmbedLayerNormalization"]
     for node in embeddings:
         _own_weights(proto.graph, node)

@@ -74,8 +74,12 @@ def integer_nodes(graph: onnx.GraphProto, names: set[str]) -> list[onnx.NodeProt
 
 
 def smooth_(proto: onnx.ModelProto, nodes: list[onnx.NodeProto], ranges: dict[str, tuple[np.ndarray, np.ndarray]],
-            strength: float) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+            strength: float, min_spread: float = 0.0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Move the input outliers of ``nodes`` into their weights; the float graph computes the same.
+
+    A node whose input channels' largest magnitude is under ``min_spread`` times their
+    median is left alone when smoothing it would cost a ``Mul`` (it has few outliers to
+    move); after a fused attention node smoothing is free and always done.
 
     Returns the per-channel ranges of each node's (new) input tensor.
     """
@@ -91,16 +95,19 @@ def smooth_(proto: onnx.ModelProto, nodes: list[onnx.NodeProto], ranges: dict[st
     for node in nodes:
         x = node.input[0]
         lo, hi = ranges[x]
-        if readers[node.input[1]] > 1:  # a weight another node reads too cannot absorb this input's scales
+        source = producer.get(x)
+        free = (source is not None and source.op_type == "Attention" and readers[x] == 1 and source.input[2] in weights
+                and not any(a.name == "qkv_hidden_sizes" for a in source.attribute))
+        magnitude = np.maximum(np.maximum(-lo, hi), _TINY)
+        few_outliers = float(magnitude.max() / np.median(magnitude)) < min_spread
+        # A weight another node reads too cannot absorb this input's scales.
+        if readers[node.input[1]] > 1 or (few_outliers and not free):
             out[x] = (lo, hi)
             continue
         w = numpy_helper.to_array(weights[node.input[1]]).astype(np.float32)
-        alpha = (np.maximum(np.maximum(-lo, hi), _TINY) ** strength
-                 / np.maximum(np.abs(w).max(axis=1), _TINY) ** (1 - strength)).astype(np.float32)
+        alpha = (magnitude ** strength / np.maximum(np.abs(w).max(axis=1), _TINY) ** (1 - strength)).astype(np.float32)
         _set(weights, node.input[1], w * alpha[:, None])
-        source = producer.get(x)
-        if source is not None and source.op_type == "Attention" and readers[x] == 1 and source.input[2] in weights \
-                and not any(a.name == "qkv_hidden_sizes" for a in source.attribute):
+        if free:
             # The attention output is a weighted sum of the values: scale the values instead.
             qkv = numpy_helper.to_array(weights[source.input[1]]).astype(np.float32)
             bias = numpy_helper.to_array(weights[source.input[2]]).astype(np.float32)
@@ -181,7 +188,7 @@ def write_integer_(proto: onnx.ModelProto, nodes: list[onnx.NodeProto],
 
 
 def quantize_integer(proto: onnx.ModelProto, names: set[str], calibration: list[dict[str, np.ndarray]],
-                     strength: float, per_channel: bool = True) -> list[str]:
+                     strength: float, per_channel: bool = True, min_spread: float = 0.0) -> list[str]:
     """Static int8 of the chosen MatMul/Attention nodes of ``proto`` (weights loaded), in place.
 
     Returns the names of the nodes that were quantized.
@@ -191,7 +198,8 @@ def quantize_integer(proto: onnx.ModelProto, names: set[str], calibration: list[
     # MatMuls first: smoothing one that follows a fused attention node rescales that
     # node's value weights, which must happen before those weights are rounded.
     nodes.sort(key=lambda n: n.op_type != "MatMul")
-    inputs = smooth_(proto, nodes, ranges, strength) if strength else {n.input[0]: ranges[n.input[0]] for n in nodes}
+    inputs = (smooth_(proto, nodes, ranges, strength, min_spread) if strength
+              else {n.input[0]: ranges[n.input[0]] for n in nodes})
     # Inserting the smoothing nodes rebuilt the node list: find the chosen nodes again.
     current = {n.name: n for n in proto.graph.node}
     nodes = [current[n.name] for n in nodes]
