@@ -12,10 +12,11 @@ import importlib.util
 import json
 import os
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -23,6 +24,9 @@ from slimkit.atomic import write_json
 from slimkit.errors import ConfigError, SlimkitError
 from slimkit.parallel.config import ParallelConfig
 from slimkit.parallel.launch import DONE, ERROR, JOB
+
+# How long the process group may take to tear down once the work is written.
+TEARDOWN_SECONDS = 10.0
 
 
 def resolve(target: str) -> Callable[..., Any]:
@@ -42,7 +46,7 @@ def resolve(target: str) -> Callable[..., Any]:
     return getattr(module, name)
 
 
-def main(job_dir: str) -> int:
+def main(job_dir: str) -> NoReturn:
     from slimkit.parallel.strategies import make_strategy
     from slimkit.parallel.world import join, leave
 
@@ -70,11 +74,22 @@ def main(job_dir: str) -> int:
         # Out at once: tearing the process group down would wait for peers that are
         # waiting in a collective for this process. torchrun sees the exit and stops them.
         os._exit(1)
+    # The work is done and written. Tearing the process group down can hang in gloo once a
+    # peer has gone (seen in CI: rank 0 waited in destroy_process_group after rank 1 had
+    # exited), so it gets a few seconds, and then the process leaves regardless.
+    teardown = threading.Thread(target=_leave_quietly, args=(leave,), daemon=True)
+    teardown.start()
+    teardown.join(TEARDOWN_SECONDS)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _leave_quietly(leave) -> None:
     try:
         leave()
-    except Exception:  # noqa: BLE001 - the work is done and written; a peer that left first can fail the teardown
+    except Exception:  # noqa: BLE001 - a peer that left first can fail the teardown
         traceback.print_exc()
-    return 0
 
 
 if __name__ == "__main__":
