@@ -51,6 +51,8 @@ def recipe(folder) -> dict:
                 {"convert": {}},
                 {"export": {}},
                 {"quantize": {"method": "ort_static_int8", "activation_ranges": "trained"}}]},
+            # PyTorch-native static int8 (torchao's PT2E flow, compiled by Inductor).
+            {"name": "pt2e-int8", "stages": [{"quantize": {"method": "pt2e_static_int8", "calibration_samples": 16}}]},
             {"name": "pruned-fp32", "stages": [
                 {"prune": {"method": "channels", "budget": {"macs": 0.7, "ratios": [0.5], "images": 24}}},
                 {"train": RECOVER}]},
@@ -85,8 +87,8 @@ def test_the_run_writes_every_variant_and_the_image_task(run_folder):
     assert m["task"]["kind"] == "image" and m["task"]["classes"] == ["class0", "class1", "class2"]
     assert m["task"]["train_size"] == 120 and m["task"]["test_size"] == 36
     assert m["task"]["input"] == {"size": [16, 16], "channels": 3, "normalize": "none"}
-    assert sorted(variants(run_folder)) == ["arena", "fp32", "ort-fp32", "pruned-fp32", "pruned-int8", "qat-int8",
-                                            "recovered", "recovered-checkpointed"]
+    assert sorted(variants(run_folder)) == ["arena", "fp32", "ort-fp32", "pruned-fp32", "pruned-int8", "pt2e-int8",
+                                            "qat-int8", "recovered", "recovered-checkpointed"]
     assert not list(run_folder.parent.glob(".*checkpoints")), "training checkpoints go once the run is complete"
 
 
@@ -159,6 +161,19 @@ def test_quantization_aware_training_converts_to_int8_with_its_trained_ranges(ru
     assert not [n for n in graph.node if "FakeQuant" in n.name]
     v = variants(run_folder)["qat-int8"]
     assert v["accuracy"]["agreement"] >= 0.75 and v["energy"]["int8_mac_fraction"] > 0.9
+
+
+def test_the_pt2e_variant_is_saved_int8_and_answers_like_the_baseline(run_folder):
+    from slimkit.quantize import Pt2eInt8Module
+
+    meta = json.loads((run_folder / "variants" / "pt2e-int8" / "slimkit.json").read_text())
+    (record,) = [t for t in meta["transforms"] if t["config"]["method"] == "pt2e_static_int8"]
+    assert record["layers"] == ["stem.0", "block.0", "block.3", "head"]
+    model = serialize.load(run_folder / "variants" / "pt2e-int8")
+    assert isinstance(model.module, Pt2eInt8Module) and model.module.compiled
+    v = variants(run_folder)["pt2e-int8"]
+    assert v["accuracy"]["agreement"] >= 0.75 and v["energy"]["int8_mac_fraction"] > 0.9
+    assert set(v["latency"]) == {"1", "4"} and v["peak_rss_bytes"] > 0
 
 
 def test_checkpointed_training_ends_with_the_same_model(run_folder):

@@ -303,8 +303,10 @@ NOT_EXPORTABLE = {
     "dynamic_int8": "the operator quantized::linear_dynamic (fbgemm's packed int8 GEMM)",
     "int4_weight_only": "packed uint4 weights unpacked by bit shifts at every call (ONNX would hold float "
                         "weights rebuilt per call, not MatMulNBits)",
+    "pt2e_static_int8": "a captured program of torchao's quantize/dequantize operators lowered by Inductor",
 }
-ONNX_INSTEAD = {"dynamic_int8": "ort_dynamic_int8", "int4_weight_only": "ort_dynamic_int8 or ort_static_int8"}
+ONNX_INSTEAD = {"dynamic_int8": "ort_dynamic_int8", "int4_weight_only": "ort_dynamic_int8 or ort_static_int8",
+                "pt2e_static_int8": "ort_static_int8"}
 
 # Without a method, a stage takes the fastest faithful one for where the model is: on an
 # exported model ONNX Runtime's dynamic int8, on a PyTorch model PyTorch's.

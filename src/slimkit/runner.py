@@ -40,8 +40,9 @@ from slimkit.zoo.models import LoadedModel
 METRICS_SCHEMA_VERSION = 1
 BASELINE = "fp32"
 # Methods whose chosen layers are stored in int8 (embedding tables among them).
-INT8_STORAGE = {"int8_weight_only", "ort_dynamic_int8", "ort_static_int8"}
-LOW_PRECISION = {"dynamic_int8": "int8", "ort_dynamic_int8": "int8", "ort_static_int8": "int8", "low_precision": "fp16"}
+INT8_STORAGE = {"int8_weight_only", "ort_dynamic_int8", "ort_static_int8", "pt2e_static_int8"}
+LOW_PRECISION = {"dynamic_int8": "int8", "ort_dynamic_int8": "int8", "ort_static_int8": "int8",
+                 "pt2e_static_int8": "int8", "low_precision": "fp16"}
 
 
 def _low_precision(config: dict[str, Any]) -> str | None:
@@ -224,10 +225,9 @@ def apply_stages(model: LoadedModel, configs: list[SlimConfig], workdir: Path, c
             handler_for(cfg)(current.module, cfg)
         else:
             onnx = isinstance(current, OnnxModel)
-            target = current if onnx else current.module
             # ``source``: the PyTorch model an ONNX stage came from, for methods that
             # score layers before choosing what to quantize.
-            quantize_(target, cfg, calibration=context.calibration_for("onnx" if onnx else "torch"), source=source)
+            quantize_(current, cfg, calibration=context.calibration_for("onnx" if onnx else "torch"), source=source)
         if cfg.kind in SHARED_KINDS:
             context.memo[_key(model, configs[:i + 1])] = (current.clone(), current.clone(), list(training or []),
                                                           list(pruning or []))

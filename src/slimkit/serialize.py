@@ -23,7 +23,7 @@ from slimkit.atomic import write_json, write_with
 from slimkit.deploy.onnx_model import OnnxModel
 from slimkit.errors import ModelLoadError
 from slimkit.quantize.api import TRANSFORMS_ATTR, transforms_of
-from slimkit.stages import config_from_dict, handler_for
+from slimkit.stages import config_class, config_from_dict, handler_for
 from slimkit.zoo.models import LoadedModel, build_from_spec
 from slimkit.zoo.models import load_model as load_pretrained
 
@@ -112,12 +112,27 @@ def architecture(spec: dict[str, Any], transforms: list[dict[str, Any]], tokeniz
     with torch.no_grad():
         for p in model.module.parameters():
             p.zero_()
-    for t in transforms:
-        config = config_from_dict(t["config"])
-        if t["layers"]:
-            handler_for(config)(model.module, config.replay_on(t["layers"]))
-    object.__setattr__(model.module, TRANSFORMS_ATTR, list(transforms))
+    replay_transforms(model, transforms)
     return model
+
+
+def changes_structure(transform: dict[str, Any]) -> bool:
+    """Whether replaying a recorded transform changes module types or shapes."""
+    return bool(transform["layers"]) or getattr(config_class(transform["config"]["kind"], transform["config"]["method"]),
+                                                "replaces_module", False)
+
+
+def replay_transforms(model: LoadedModel, transforms: list[dict[str, Any]]) -> None:
+    """Replay ``transforms`` on ``model`` (in place): the module types and shapes they gave."""
+    for t in transforms:
+        if not changes_structure(t):
+            continue
+        config = config_from_dict(t["config"]).replay_on(t["layers"])
+        if getattr(config, "replaces_module", False):
+            handler_for(config)(model, config)  # it puts its program in model.module
+        else:
+            handler_for(config)(model.module, config)
+    object.__setattr__(model.module, TRANSFORMS_ATTR, list(transforms))
 
 
 def load_model(source: str) -> LoadedModel:

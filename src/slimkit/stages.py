@@ -21,6 +21,7 @@ import slimkit.quantize.dynamic  # noqa: F401
 import slimkit.quantize.lowp  # noqa: F401
 import slimkit.quantize.ort  # noqa: F401
 import slimkit.quantize.ort_fp16  # noqa: F401
+import slimkit.quantize.pt2e  # noqa: F401
 import slimkit.quantize.qat  # noqa: F401
 import slimkit.quantize.static_int8  # noqa: F401
 import slimkit.quantize.weight_only  # noqa: F401

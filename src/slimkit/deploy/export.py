@@ -61,6 +61,11 @@ def export(model: LoadedModel, config: ExportConfig | None = None, workdir: Path
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "model.export.onnx"
     module = model.module.eval()
+    from slimkit.quantize.pt2e import Pt2eInt8Module
+
+    if isinstance(module, Pt2eInt8Module):
+        raise SlimkitError("a pt2e_static_int8 model is a captured PyTorch program, which has no ONNX export; "
+                           "export the float model and quantize it with ort_static_int8")
     if isinstance(module, TextEncoder):
         ids = torch.full((1, 16), 1000, dtype=torch.long)
         args = (ids, torch.ones_like(ids), torch.zeros_like(ids))

@@ -328,22 +328,20 @@ def build_skeleton(meta: Mapping[str, Any], tokenizer_dir: Path | None = None):
     replayed on a model built normally: their handlers read the weights' values.
     """
     from slimkit.quantize.api import TRANSFORMS_ATTR
-    from slimkit.stages import config_from_dict, handler_for
+    from slimkit.serialize import changes_structure, replay_transforms
     from slimkit.zoo.models import build_from_spec
 
-    transforms = [t for t in meta.get("transforms", []) if t.get("layers")]
-    if not transforms:
+    transforms = list(meta.get("transforms", []))
+    if not any(changes_structure(t) for t in transforms):
         with empty_weights():
             model = build_from_spec(dict(meta["spec"]), tokenizer_dir)
+        object.__setattr__(model.module, TRANSFORMS_ATTR, transforms)
     else:
         model = build_from_spec(dict(meta["spec"]), tokenizer_dir)
         with torch.no_grad():
             for p in model.module.parameters():
                 p.zero_()
-        for t in transforms:
-            config = config_from_dict(t["config"])
-            handler_for(config)(model.module, config.replay_on(t["layers"]))
-    object.__setattr__(model.module, TRANSFORMS_ATTR, list(meta.get("transforms", [])))
+        replay_transforms(model, transforms)
     return model
 
 

@@ -15,8 +15,11 @@ def quantize_(model: Any, config: SlimConfig, **context: Any) -> list[str]:
     """Quantize ``model`` in place as ``config`` says.
 
     Args:
-        model: an ``nn.Module`` for the PyTorch methods, or a
-            :class:`slimkit.deploy.OnnxModel` for the ONNX Runtime methods.
+        model: an ``nn.Module`` for the PyTorch methods, a
+            :class:`slimkit.deploy.OnnxModel` for the ONNX Runtime methods, or a
+            :class:`slimkit.zoo.models.LoadedModel` for either PyTorch kind. Methods
+            that rewrite the whole program (``pt2e_static_int8``) need the LoadedModel:
+            its ``module`` is replaced.
         config: one of the configs in :mod:`slimkit.quantize`.
         **context: what some methods need, e.g. ``calibration`` (a list of input dicts
             drawn from the train split) for static quantization.
@@ -26,6 +29,19 @@ def quantize_(model: Any, config: SlimConfig, **context: Any) -> list[str]:
     """
     if config.kind != "quantize":
         raise ConfigError(f"quantize_ takes a quantize config, not {type(config).__name__}")
+    if getattr(config, "replaces_module", False):
+        if not hasattr(model, "example_inputs"):
+            raise ConfigError(
+                f"{config.method} replaces the whole module by a captured program, so give quantize_ the "
+                "LoadedModel (slimkit.load_model(...)), not the nn.Module: its module is replaced"
+            )
+        history = transforms_of(model.module)
+        layers, recorded = handler_for(config)(model, config, **context)
+        object.__setattr__(model.module, TRANSFORMS_ATTR, history)
+        record_transform(model.module, recorded, layers)
+        return layers
+    if hasattr(model, "example_inputs"):
+        model = model.module
     layers = handler_for(config)(model, config, **context)
     record_transform(model, config, layers)
     return layers
