@@ -18,6 +18,11 @@ paired ratios; accuracy on the full fixed test split; calibration on the train s
   process of each ONNX variant (ONNX Runtime alone, no torch) answers 20 requests at
   batch 1, sequence 128, and its peak RSS is read.
 
+PyTorch-native static int8 (``pt2e_static_int8``: torchao's PT2E flow, compiled by
+Inductor) is run as two more recipes, beside PyTorch fp32 and ONNX Runtime in the same
+run: the fine-tuned and the pruned MobileNetV2 of the vision run, and minilm-l6. It is not
+a target of the issue; the result keeps it under ``pytorch_int8``.
+
 Then every variant's PyTorch model (fp32 and pruned, of both) goes through
 ``slimkit export`` at fp32, fp16, int8-dynamic and int8-static: ONNX Runtime's outputs
 must match PyTorch's (fp32: max abs diff <= 1e-4 and cosine >= 0.99999; fp16: cosine
@@ -108,6 +113,42 @@ def text_recipe(model: str, name: str, pruned: Path, quick: bool = False) -> dic
         "measure": dict(MEASURE),
     }
 
+
+PT2E = {"method": "pt2e_static_int8", "calibration_samples": 256}
+
+
+def pytorch_int8_recipe(vision: dict, fine_tuned: Path, pruned: Path, quick: bool = False) -> dict:
+    """PyTorch-native static int8 (PT2E, compiled by Inductor) of the fine-tuned and the
+    pruned MobileNetV2 from the vision run, beside PyTorch fp32 and ONNX Runtime in the same
+    run; the same task, so accuracy is on the same full test split (quick: PT2E against
+    fp32 only, each compile being tens of seconds)."""
+    compare = [
+        {"name": "ort-fp32", "stages": [{"export": {}}]},
+        {"name": "ort-int8-static", "stages": [{"export": {}}, {"quantize": dict(STATIC)}]},
+        {"name": "pruned-fp32", "model": str(pruned), "stages": []},
+        {"name": "pruned-pt2e-int8", "model": str(pruned), "stages": [{"quantize": dict(PT2E)}]},
+    ]
+    return {
+        "version": 1, "name": "deploy-pt2e-mobilenetv2", "model": str(fine_tuned), "task": vision["task"],
+        "variant": "pt2e-int8", "stages": [{"quantize": dict(PT2E)}], "compare": [] if quick else compare,
+        "measure": {**vision["measure"], "memory": False},
+    }
+
+
+def pytorch_int8_text_recipe(model: str, quick: bool = False) -> dict:
+    """minilm-l6 in PT2E static int8 beside PyTorch fp32 and ONNX Runtime's static int8."""
+    compare = [{"name": "ort-int8-static", "stages": [{"export": {"optimize": "auto"}}, {"quantize": dict(STATIC)}]}]
+    return {
+        "version": 1, "name": "deploy-pt2e-minilm", "model": model, "task": {"source": "rt-polarity"},
+        "variant": "pt2e-int8", "stages": [{"quantize": dict(PT2E)}], "compare": [] if quick else compare,
+        "measure": {**MEASURE, "memory": False},
+    }
+
+
+PT2E_QUICK = ["task.train_limit=600", "task.test_limit=200", "task.image_size=64", "stages.0.quantize.calibration_samples=16",
+              "measure.rounds=2", "measure.iters=3", "measure.warmup=1"]
+PT2E_TEXT_QUICK = ["task.train_limit=200", "task.test_limit=100", "stages.0.quantize.calibration_samples=16",
+                   "measure.rounds=1", "measure.iters=2", "measure.warmup=1"]
 
 TEXT_QUICK = ["task.train_limit=200", "task.test_limit=100", "measure.rounds=1", "measure.iters=2",
               "measure.warmup=1", "stages.1.quantize.calibration_samples=16",
@@ -206,6 +247,11 @@ def main() -> int:
     checks += export_checks({"minilm-l6": work / "minilm" / "variants" / "fp32", "minilm-l6-pruned": pruned_minilm},
                             work / "minilm.yaml", precisions if not args.quick else ["fp32"], work)
 
+    pt2e, pt2e_wall = run_recipe(pytorch_int8_recipe(vision, run_v / "fp32", run_v / "pruned-fp32", args.quick),
+                                 work / "pt2e-mobilenetv2", PT2E_QUICK if args.quick else [])
+    pt2e_text, pt2e_text_wall = run_recipe(pytorch_int8_text_recipe("minilm-l6", args.quick), work / "pt2e-minilm",
+                                           PT2E_TEXT_QUICK if args.quick else [])
+
     v = {x["name"]: x for x in mnv2["variants"]}
     t = {x["name"]: x for x in minilm["variants"]}
     onnx_variants = [x for x in [*mnv2["variants"], *minilm["variants"]] if x["framework"] == "onnx"]
@@ -229,14 +275,41 @@ def main() -> int:
         "quick": args.quick, "vision_recipe": str(VISION_RECIPE.relative_to(ROOT)),
         "overrides": {"mobilenetv2": VISION_QUICK if args.quick else [], "minilm": TEXT_QUICK if args.quick else []},
         "pruned_minilm": str(pruned_minilm.relative_to(ROOT)) if pruned_minilm.is_relative_to(ROOT) else pruned_minilm.name,
-        "runs_measured_at_commit": {name: _commit_of(work / name) for name in ("mobilenetv2", "minilm")},
+        "runs_measured_at_commit": {name: _commit_of(work / name)
+                                    for name in ("mobilenetv2", "minilm", "pt2e-mobilenetv2", "pt2e-minilm")},
         "mobilenetv2": variant_summary(mnv2, mnv2_wall), "minilm": variant_summary(minilm, minilm_wall),
         "export_checks": checks,
+        # Not a target of the issue: PyTorch-native static int8 for users who stay in PyTorch.
+        "pytorch_int8": {"summary": pt2e_summary(pt2e, pt2e_text),
+                         "mobilenetv2": variant_summary(pt2e, pt2e_wall),
+                         "minilm": variant_summary(pt2e_text, pt2e_text_wall)},
     }
     h = minilm["harness"]
     path = write_result(NAME, h["threads"], h["device"], body, targets, args.out)
     print(path.read_text())
     return 0
+
+
+def pt2e_summary(vision: dict, text: dict) -> dict:
+    """PT2E int8 against PyTorch fp32 (eager, the run's baseline) and ONNX Runtime, paired at
+    batch 1; None for a variant the run did not have (quick runs)."""
+    v = {x["name"]: x for x in vision["variants"]}
+    t = {x["name"]: x for x in text["variants"]}
+
+    def ratio(runs: dict, a: str, b: str) -> float | None:
+        return paired_ratio(runs[a]["latency"]["1"], runs[b]["latency"]["1"]) if a in runs and b in runs else None
+
+    pruned = v.get("pruned-pt2e-int8", {}).get("accuracy", {})
+    return {
+        "mobilenetv2_latency_b1_vs_torch_fp32": ratio(v, "pt2e-int8", "fp32"),
+        "mobilenetv2_latency_b1_vs_ort_int8_static": ratio(v, "pt2e-int8", "ort-int8-static"),
+        "mobilenetv2_accuracy_drop_pp": v["pt2e-int8"]["accuracy"]["top1_drop_pp"],
+        "mobilenetv2_pruned_latency_b1_vs_torch_fp32": ratio(v, "pruned-pt2e-int8", "fp32"),
+        "mobilenetv2_pruned_top1": pruned.get("top1"),
+        "minilm_latency_b1_vs_torch_fp32": ratio(t, "pt2e-int8", "fp32"),
+        "minilm_latency_b1_vs_ort_int8_static": ratio(t, "pt2e-int8", "ort-int8-static"),
+        "minilm_embedding_cosine": t["pt2e-int8"]["accuracy"]["cosine_mean"],
+    }
 
 
 def _commit_of(folder: Path) -> str | None:

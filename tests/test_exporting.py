@@ -62,3 +62,30 @@ def test_the_command_line_exports(saved, tmp_path, capsys):
     assert main(["export", str(saved), "--precision", "fp16", "-o", str(tmp_path / "o")]) == 0
     assert "fp16 ONNX, against PyTorch" in capsys.readouterr().out
     assert main(["export", str(saved), "--precision", "int3", "-o", str(tmp_path / "p")]) == 2
+
+
+def test_static_int8_of_a_qat_model_is_held_to_its_pytorch_int8_twin(tmp_path):
+    import torch
+
+    from slimkit.quantize import QATConfig, convert_qat_, quantize_
+    from slimkit.serialize import load_model
+
+    images = write_image_folder(tmp_path / "images")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "r", "model": "tiny_models:plain_cnn", "stages": [{"export": {}}],
+                                      "task": {"source": str(images), "image_size": 16, "normalize": "none"}}))
+    model = load_model("tiny_models:plain_cnn")
+    quantize_(model.module, QATConfig(target="onnxruntime", activations="observed", modules=["linear", "conv2d"]))
+    model.module.train()
+    with torch.no_grad():  # the observed ranges settle on a few batches
+        for seed in range(4):
+            model.module(torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(seed)))
+    convert_qat_(model.module.eval())
+    save(model, tmp_path / "qat")
+    report = export_model(str(tmp_path / "qat"), "int8-static", tmp_path / "out", recipe=str(recipe),
+                          calibration_samples=16)
+    assert report["reference"] == "int8-twin"
+    assert report["cosine"] >= 0.9999
+    plain = export_model("tiny_models:plain_cnn", "int8-static", tmp_path / "plain", recipe=str(recipe),
+                         calibration_samples=16)
+    assert plain["reference"] == "pytorch"

@@ -4,6 +4,7 @@ and ``bundle`` a model for devices (keys, signed bundles, verifying and installi
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from typing import TYPE_CHECKING
 
@@ -14,7 +15,14 @@ if TYPE_CHECKING:
     from slimkit.zoo.models import LoadedModel
 
 
+# torchao, which transformers imports when it is installed, logs at import about optional
+# CUDA kernels this build lacks and about its pytree registrations; neither concerns a run.
+QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
 def main(argv: list[str] | None = None) -> int:
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     parser = argparse.ArgumentParser(prog="slimkit", description="Make models fit, and measure what it cost.")
     sub = parser.add_subparsers(dest="command", required=True)
     p_run = sub.add_parser("run", help="run a recipe and write a run folder")

@@ -4,8 +4,10 @@ A thin layer over the recipe stages: ``export`` then, by precision, ``ort_fp16``
 ``ort_dynamic_int8`` or ``ort_static_int8`` (calibrated on the task's train split), then
 :func:`slimkit.save`. Before anything is written, ONNX Runtime's outputs are compared
 with the PyTorch model's on the task's inputs: fp32 must match within a max absolute
-difference of 1e-4 and a cosine of 0.99999, fp16 within a cosine of 0.9999; int8's
-agreement is reported.
+difference of 1e-4 and a cosine of 0.99999, fp16 within a cosine of 0.9999. Static int8
+of a quantization-aware trained model is held to its PyTorch int8 twin (the same trained
+ranges, cosine 0.9999); other int8 is compared with float PyTorch and its agreement
+reported.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ PRECISIONS: dict[str, list[Any]] = {
 }
 # (largest absolute difference, smallest cosine) ONNX Runtime must keep to PyTorch's outputs.
 TOLERANCES = {"fp32": (1e-4, 0.99999), "fp16": (None, 0.9999)}
+# Static int8 of a quantization-aware trained model against its PyTorch int8 twin: the
+# same rounding of the same inputs and weights, so only summation order differs.
+TWIN_TOLERANCE = (None, 0.9999)
 
 
 class ExportMismatch(SlimkitError):
@@ -73,6 +78,30 @@ def task_workload(model: Any, recipe: Any, recipe_file: str | None) -> Any:
     return None
 
 
+def int8_twin(model: Any) -> Any:
+    """The PyTorch model that computes what static int8 under ONNX Runtime should, or None.
+
+    A quantization-aware trained model converted for ONNX Runtime keeps float layers and
+    records each one's trained input range; ``ort_static_int8`` puts those ranges into the
+    graph. Its twin is the same model with those layers as PyTorch's static int8 layers
+    (:class:`~slimkit.quantize.static_int8.StaticInt8Conv2d` and ``Linear``): inputs
+    rounded to the trained uint8 grid, weights to per-channel int8, sums exact.
+    """
+    from slimkit.config import LayerSelector
+    from slimkit.quantize import quantize_
+    from slimkit.quantize.api import transforms_of
+    from slimkit.quantize.static_int8 import StaticInt8Config
+
+    for t in transforms_of(model.module):
+        config = t["config"]
+        if config["method"] == "static_int8" and config.get("target") == "onnxruntime" and t["layers"]:
+            twin = model.clone()
+            quantize_(twin.module, StaticInt8Config(target="torch", input_ranges=config["input_ranges"],
+                                                    layers=LayerSelector(targets=list(t["layers"]))))
+            return twin
+    return None
+
+
 def compare(reference: np.ndarray, found: np.ndarray) -> dict[str, float]:
     """Largest absolute difference and cosine similarity of two outputs."""
     a, b = reference.astype(np.float64).ravel(), found.astype(np.float64).ravel()
@@ -94,7 +123,9 @@ def export_model(source: str, precision: str, out: str | Path, recipe: str | Non
         calibration_samples: train-split examples for ``int8-static``.
 
     Returns:
-        ``{"precision", "max_abs_diff", "cosine", "output"}``.
+        ``{"precision", "max_abs_diff", "cosine", "reference", "output"}``; ``reference``
+        is ``int8-twin`` when static int8 was checked against :func:`int8_twin`, else
+        ``pytorch``.
 
     Raises:
         ConfigError: an unknown precision, a model already in ONNX, or static int8
@@ -125,17 +156,20 @@ def export_model(source: str, precision: str, out: str | Path, recipe: str | Non
     with tempfile.TemporaryDirectory(prefix="slimkit-export-") as work:
         context = StageContext(workload, calibration_samples)
         onnx_model, _ = apply_stages(model, stages, Path(work), context)
-        reference = make_runner(model, threads)(*inputs)
+        twin = int8_twin(model) if precision == "int8-static" else None
+        reference = make_runner(twin or model, threads)(*inputs)
         found = make_runner(onnx_model, threads)(*inputs)
         agreement = compare(reference, found)
-        limit_abs, limit_cos = TOLERANCES.get(precision, (None, None))
+        limit_abs, limit_cos = TWIN_TOLERANCE if twin is not None else TOLERANCES.get(precision, (None, None))
+        against = "its PyTorch int8 twin's (trained ranges)" if twin is not None else "PyTorch's"
         if (limit_abs is not None and agreement["max_abs_diff"] > limit_abs) or (
                 limit_cos is not None and agreement["cosine"] < limit_cos):
             raise ExportMismatch(
-                f"{precision}: ONNX Runtime's outputs differ from PyTorch's (max abs diff "
+                f"{precision}: ONNX Runtime's outputs differ from {against} (max abs diff "
                 f"{agreement['max_abs_diff']:.3g}, cosine {agreement['cosine']:.6f}; allowed {limit_abs} and "
                 f"{limit_cos}); nothing written. An operator may export with other semantics: check the model's "
                 "custom layers")
         with atomic_dir(out) as tmp:
             serialize.save(onnx_model, tmp)
-    return {"precision": precision, **agreement, "output": str(out)}
+    return {"precision": precision, **agreement, "reference": "int8-twin" if twin is not None else "pytorch",
+            "output": str(out)}

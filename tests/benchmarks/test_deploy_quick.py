@@ -41,6 +41,14 @@ def test_deploy_quick(tmp_path):
     minilm = {v["name"]: v for v in doc["minilm"]["variants"]}
     assert minilm["ort-int8-static"]["torch_imported"] is False
     assert minilm["ort-int8-static"]["accuracy"]["cosine_mean"] >= 0.99
+    # PyTorch-native static int8 ran on both models, in the same runs as PyTorch fp32.
+    summary = doc["pytorch_int8"]["summary"]
+    measured = ["mobilenetv2_latency_b1_vs_torch_fp32", "mobilenetv2_accuracy_drop_pp", "minilm_latency_b1_vs_torch_fp32",
+                "minilm_embedding_cosine"]
+    assert all(isinstance(summary[k], float) for k in measured), summary
+    assert summary["minilm_embedding_cosine"] >= 0.95
+    pt2e = {v["name"]: v for v in doc["pytorch_int8"]["mobilenetv2"]["variants"]}
+    assert pt2e["pt2e-int8"]["stages"] == ["quantize:pt2e_static_int8"] and pt2e["pt2e-int8"]["framework"] == "torch"
     if CHECK.exists():  # the shared checker reads the file (targets may be missed in a quick run)
         res = subprocess.run([sys.executable, str(CHECK), str(out)], capture_output=True, text=True)
         assert "Traceback" not in res.stderr, res.stderr

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import importlib.metadata
 import logging
+import warnings
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -109,7 +110,10 @@ class Pt2eInt8Module(nn.Module):
             # Freezing turns the int8 weights into constants, which is what lets Inductor
             # prepack them for oneDNN; without it the patterns stay float. It has to be on
             # while a graph is compiled, i.e. at the first call of each input kind.
-            with inductor_config.patch(freezing=True):
+            with inductor_config.patch(freezing=True), warnings.catch_warnings():
+                # Inductor's oneDNN lowering copy-constructs its zero points (a UserWarning
+                # about its own code, not about the model).
+                warnings.simplefilter("ignore", UserWarning)
                 out = self._compiled_program(*inputs)
             self._shapes_seen.add(key)
             return out
@@ -140,10 +144,11 @@ def _versions() -> dict[str, str]:
 
 def _torchao():
     # Importing torchao warns about its optional CUDA kernels (mxfp8, CUTLASS) that this
-    # build lacks; none of them is used here.
-    logger = logging.getLogger("torchao")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    # build lacks, and about its pytree registrations; neither concerns this method.
+    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         from torchao.quantization.pt2e import quantize_pt2e
         from torchao.quantization.pt2e.observer import FixedQParamsObserver
@@ -154,7 +159,8 @@ def _torchao():
             "(a version built for this torch), or use ort_static_int8 after an export stage"
         ) from None
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
     return quantize_pt2e, FixedQParamsObserver, x86
 
 
