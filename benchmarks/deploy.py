@@ -190,7 +190,7 @@ def export_checks(sources: dict[str, Path], recipe_file: Path, precisions: list[
             try:
                 found = export_model(str(source), precision, out, recipe=str(recipe_file), calibration_samples=128)
                 row = {"model": name, "precision": precision, "exported": True, "matched": True,
-                       "max_abs_diff": found["max_abs_diff"], "cosine": found["cosine"]}
+                       "max_abs_diff": found["max_abs_diff"], "cosine": found["cosine"], "reference": found["reference"]}
             except ExportMismatch as e:
                 row = {"model": name, "precision": precision, "exported": True, "matched": False, "error": str(e)}
             row["seconds"] = time.time() - started
