@@ -7,6 +7,7 @@ from typing import Any
 from slimkit.config import SlimConfig
 from slimkit.errors import ConfigError
 from slimkit.registry import handler_for
+from slimkit.zoo.loaded import LoadedModel
 
 TRANSFORMS_ATTR = "_slimkit_transforms"
 
@@ -30,7 +31,7 @@ def quantize_(model: Any, config: SlimConfig, **context: Any) -> list[str]:
     if config.kind != "quantize":
         raise ConfigError(f"quantize_ takes a quantize config, not {type(config).__name__}")
     if getattr(config, "replaces_module", False):
-        if not hasattr(model, "example_inputs"):
+        if not isinstance(model, LoadedModel):
             raise ConfigError(
                 f"{config.method} replaces the whole module by a captured program, so give quantize_ the "
                 "LoadedModel (slimkit.load_model(...)), not the nn.Module: its module is replaced"
@@ -40,7 +41,7 @@ def quantize_(model: Any, config: SlimConfig, **context: Any) -> list[str]:
         object.__setattr__(model.module, TRANSFORMS_ATTR, history)
         record_transform(model.module, recorded, layers)
         return layers
-    if hasattr(model, "example_inputs"):
+    if isinstance(model, LoadedModel):
         model = model.module
     layers = handler_for(config)(model, config, **context)
     record_transform(model, config, layers)

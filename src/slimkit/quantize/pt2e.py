@@ -48,8 +48,8 @@ class Pt2eStaticInt8Config(SlimConfig):
         layers: the Conv2d and Linear layers to quantize (default: all of them); the
             others stay in float.
         compile: run the converted program through ``torch.compile`` (Inductor, weights
-            frozen), compiled at the first call for each new input shape class; False
-            runs it as reference operators, which is slower than float.
+            frozen), compiled at the first call (and again for a new kind of input);
+            False runs it as reference operators, which is slower than float.
         activation_qparams: written when the method runs, not by hand: each activation
             observer's ``[scale, zero_point]``, by node name, which loading puts back.
         inputs: written when the method runs: the dtype and shape of each input the
@@ -94,7 +94,6 @@ class Pt2eInt8Module(nn.Module):
         self.compiled = compiled
         self.quantized_layers = list(quantized_layers)
         self._compiled_program = None
-        self._shapes_seen: set[tuple] = set()
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -102,21 +101,17 @@ class Pt2eInt8Module(nn.Module):
                 return self.program(*inputs)
             if self._compiled_program is None:
                 self._compiled_program = torch.compile(self.program, dynamic=True)
-            key = tuple((x.dim(), x.dtype, x.device.type) for x in inputs)
-            if key in self._shapes_seen:
-                return self._compiled_program(*inputs)
             import torch._inductor.config as inductor_config
 
             # Freezing turns the int8 weights into constants, which is what lets Inductor
-            # prepack them for oneDNN; without it the patterns stay float. It has to be on
-            # while a graph is compiled, i.e. at the first call of each input kind.
+            # prepack them for oneDNN; a graph compiled without it keeps the patterns in
+            # float. Any call may compile (a new input kind, a batch of 1, another grad
+            # mode), so every call has it on: about 20 us.
             with inductor_config.patch(freezing=True), warnings.catch_warnings():
                 # Inductor's oneDNN lowering copy-constructs its zero points (a UserWarning
                 # about its own code, not about the model).
                 warnings.simplefilter("ignore", UserWarning)
-                out = self._compiled_program(*inputs)
-            self._shapes_seen.add(key)
-            return out
+                return self._compiled_program(*inputs)
 
     def train(self, mode: bool = True) -> Pt2eInt8Module:
         # A captured program has no train/eval switch (torch.export froze batch norm and
@@ -128,7 +123,7 @@ class Pt2eInt8Module(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # Moving the tensors (``.to(device)``) invalidates what was compiled for them.
-        self._compiled_program, self._shapes_seen = None, set()
+        self._compiled_program = None
         return super()._apply(fn, recurse)
 
     def __deepcopy__(self, memo: dict) -> Pt2eInt8Module:
