@@ -181,3 +181,39 @@ def test_a_device_without_the_runtime_the_model_needs_refuses_it(tmp_path, monke
     with pytest.raises(B.BundleError, match="this device has 1.0.0"):
         B.install_bundle(tmp_path / "m.slimkit", pub, tmp_path / "device")
     assert not (tmp_path / "device").exists()
+
+
+def test_a_pt2e_bundle_needs_the_torch_it_was_captured_with_and_torchao(tmp_path, monkeypatch):
+    import importlib.metadata
+
+    from slimkit.quantize import Pt2eStaticInt8Config, quantize_
+    from slimkit.serialize import load_model
+
+    model = load_model("tiny_models:tiny_classifier")
+    g = torch.Generator().manual_seed(0)
+    quantize_(model, Pt2eStaticInt8Config(calibration_samples=8, compile=False),
+              calibration=[(torch.randn(1, 3, 16, 16, generator=g),) for _ in range(8)])
+    save(model, tmp_path / "model")
+    key, pub = B.generate_key(tmp_path / "signer")
+    manifest = B.create_bundle(tmp_path / "model", key, tmp_path / "m.slimkit", "1.0.0")
+    runtime = manifest["runtime"]
+    assert runtime["captured_program"] is True and runtime["torchao"] == importlib.metadata.version("torchao")
+    x = torch.randn(2, 3, 16, 16, generator=g)
+    loaded = B.load_bundle(tmp_path / "m.slimkit", pub, tmp_path / "device")
+    torch.testing.assert_close(loaded.module(x), model.module(x), rtol=0, atol=0)
+    major, minor = torch.__version__.split(".")[:2]
+    other = {**manifest, "runtime": {**runtime, "torch": f"{major}.{int(minor) - 1}.0"}}
+    with pytest.raises(B.BundleError, match=rf"captured with torch {major}.{int(minor) - 1}.0.*install torch "
+                                            rf"{major}.{int(minor) - 1}"):
+        B.check_runtime(other)
+    real_version = importlib.metadata.version
+
+    def without_torchao(name):
+        if name == "torchao":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real_version(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", without_torchao)
+    with pytest.raises(B.BundleError, match="needs torchao >= .*does not have torchao"):
+        B.install_bundle(tmp_path / "m.slimkit", pub, tmp_path / "device2")
+    assert not (tmp_path / "device2").exists()

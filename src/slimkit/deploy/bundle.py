@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import importlib
+import importlib.metadata
 import io
 import json
 import os
@@ -147,7 +148,12 @@ def _signature_of_model(folder: Path, meta: dict[str, Any]) -> tuple[dict[str, A
     if meta["framework"] != "onnx":
         import torch
 
-        return ({"framework": "torch"}, {"framework": "torch", "torch": torch.__version__.split("+")[0]})
+        runtime = {"framework": "torch", "torch": torch.__version__.split("+")[0]}
+        if any(t["config"]["method"] == "pt2e_static_int8" for t in meta.get("transforms", [])):
+            # A PT2E program is rebuilt by capturing the architecture again, which names
+            # its observers as this torch minor does; torchao converts it.
+            runtime.update(torchao=importlib.metadata.version("torchao"), captured_program=True)
+        return {"framework": "torch"}, runtime
     import onnx
     import onnxruntime
 
@@ -362,7 +368,8 @@ def check_runtime(manifest: dict[str, Any], path: str | os.PathLike = "bundle") 
 
     An ONNX model needs ONNX Runtime at least as new (major.minor) as the one it was
     checked with, which also covers its opset, and the execution provider it was built
-    for; a PyTorch model needs torch at least as new.
+    for; a PyTorch model needs torch at least as new, and a PT2E program (captured again
+    at load) the same torch minor version and torchao at least as new.
 
     Raises:
         BundleError: naming what is required and what this device has.
@@ -384,6 +391,19 @@ def check_runtime(manifest: dict[str, Any], path: str | os.PathLike = "bundle") 
             what = f" (opset {runtime.get('opset')}{''.join(', ' + op for op in runtime.get('custom_ops', [])[:3])})"
         raise BundleError(f"{path}: the model needs {package} >= {need}{what}; this device has {have}: upgrade "
                           f"{package}, or export the model with an older one; refused")
+    if runtime.get("captured_program") and _major_minor(have) != _major_minor(need):
+        raise BundleError(f"{path}: the model is a PT2E program captured with torch {need}, which loading captures "
+                          f"again the same way; this device has torch {have}: install torch "
+                          f"{'.'.join(map(str, _major_minor(need)))}, or quantize the float model there; refused")
+    if runtime.get("torchao"):
+        try:
+            have_ao = importlib.metadata.version("torchao")
+        except importlib.metadata.PackageNotFoundError:
+            raise BundleError(f"{path}: the model is a PT2E program, which needs torchao >= {runtime['torchao']}; "
+                              "this device does not have torchao: install it; refused") from None
+        if _major_minor(have_ao) < _major_minor(runtime["torchao"]):
+            raise BundleError(f"{path}: the model needs torchao >= {runtime['torchao']}; this device has {have_ao}: "
+                              "upgrade torchao; refused")
     provider = runtime.get("execution_provider")
     if framework == "onnx" and provider and provider not in module.get_available_providers():
         raise BundleError(f"{path}: the model was built for {provider}, which this device's ONNX Runtime does not "
