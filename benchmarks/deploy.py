@@ -20,8 +20,10 @@ paired ratios; accuracy on the full fixed test split; calibration on the train s
 
 PyTorch-native static int8 (``pt2e_static_int8``: torchao's PT2E flow, compiled by
 Inductor) is run as two more recipes, beside PyTorch fp32 and ONNX Runtime in the same
-run: the fine-tuned and the pruned MobileNetV2 of the vision run, and minilm-l6. It is not
-a target of the issue; the result keeps it under ``pytorch_int8``.
+run: the fine-tuned and the pruned MobileNetV2 of the vision run, and minilm-l6. Then
+``slimkit bench`` measures those runs' PyTorch variants eager and through
+``torch.compile``, so PT2E is also compared with compiled fp32. It is not a target of the
+issue; the result keeps it under ``pytorch_int8``.
 
 Then every variant's PyTorch model (fp32 and pruned, of both) goes through
 ``slimkit export`` at fp32, fp16, int8-dynamic and int8-static: ONNX Runtime's outputs
@@ -252,6 +254,11 @@ def main() -> int:
     pt2e_text, pt2e_text_wall = run_recipe(pytorch_int8_text_recipe("minilm-l6", args.quick), work / "pt2e-minilm",
                                            PT2E_TEXT_QUICK if args.quick else [])
 
+    # The strongest fp32 a PyTorch user has: the same models through torch.compile, beside PT2E, in one process.
+    compiled = {"mobilenetv2": compiled_bench(work / "pt2e-mobilenetv2", args.quick)}
+    if not args.quick:  # quick: MobileNetV2 alone, each compile being tens of seconds
+        compiled["minilm"] = compiled_bench(work / "pt2e-minilm", args.quick)
+
     v = {x["name"]: x for x in mnv2["variants"]}
     t = {x["name"]: x for x in minilm["variants"]}
     onnx_variants = [x for x in [*mnv2["variants"], *minilm["variants"]] if x["framework"] == "onnx"]
@@ -280,7 +287,8 @@ def main() -> int:
         "mobilenetv2": variant_summary(mnv2, mnv2_wall), "minilm": variant_summary(minilm, minilm_wall),
         "export_checks": checks,
         # Not a target of the issue: PyTorch-native static int8 for users who stay in PyTorch.
-        "pytorch_int8": {"summary": pt2e_summary(pt2e, pt2e_text),
+        "pytorch_int8": {"summary": {**pt2e_summary(pt2e, pt2e_text), **compiled_summary(compiled)},
+                         "compiled_bench": compiled,
                          "mobilenetv2": variant_summary(pt2e, pt2e_wall),
                          "minilm": variant_summary(pt2e_text, pt2e_text_wall)},
     }
@@ -310,6 +318,26 @@ def pt2e_summary(vision: dict, text: dict) -> dict:
         "minilm_latency_b1_vs_ort_int8_static": ratio(t, "pt2e-int8", "ort-int8-static"),
         "minilm_embedding_cosine": t["pt2e-int8"]["accuracy"]["cosine_mean"],
     }
+
+
+def compiled_bench(run: Path, quick: bool) -> dict:
+    """``slimkit bench`` of a PT2E run folder's PyTorch variants, eager and compiled, at batch 1 and 2 threads."""
+    from slimkit.benching import bench
+
+    rounds, iters, warmup = (1, 2, 1) if quick else (MEASURE["rounds"], MEASURE["iters"], MEASURE["warmup"])
+    result = bench(str(run), [MEASURE["threads"]], [1], ["torch", "compiled"], rounds=rounds, iters=iters,
+                   warmup=warmup)
+    return {**result, "source": run.name}
+
+
+def compiled_summary(compiled: dict) -> dict:
+    """PT2E int8 against torch.compile'd fp32: the ratio of each one's paired ratio to eager fp32."""
+    out = {}
+    for model, result in compiled.items():
+        ratio = {(r["variant"], r["backend"]): r["ratio_to_reference"] for r in result["rows"]}
+        out[f"{model}_latency_b1_vs_compiled_fp32"] = ratio[("pt2e-int8", "torch")] / ratio[("fp32", "compiled")]
+        out[f"{model}_compiled_fp32_vs_eager_fp32"] = ratio[("fp32", "compiled")]
+    return out
 
 
 def _commit_of(folder: Path) -> str | None:

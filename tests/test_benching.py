@@ -44,7 +44,7 @@ def test_each_backend_thread_count_and_batch_is_a_row(tiny_text_model):
 
 
 def test_bad_requests_are_refused(tiny_text_model, tmp_path, capsys):
-    with pytest.raises(ConfigError, match="--backends tvm: choose among torch, ort"):
+    with pytest.raises(ConfigError, match="--backends tvm: choose among torch, compiled, ort"):
         bench(str(tiny_text_model), [1], [1], ["tvm"])
     assert main(["bench", str(tiny_text_model), "--threads", "one"]) == 2
     assert "--threads 'one': give numbers separated by commas" in capsys.readouterr().err
@@ -75,3 +75,28 @@ def test_a_model_folder_has_no_report_to_write(tiny_text_model, capsys):
     assert main(["bench", str(tiny_text_model), "--backends", "ort", "--threads", "1", "--batch-sizes", "1",
                  "--rounds", "1"]) == 0
     assert "report:" not in capsys.readouterr().out
+
+
+def test_a_pt2e_model_is_measured_as_compiled_pytorch_beside_compiled_fp32(tmp_path):
+    import torch
+    import yaml
+    from tiny_models import write_image_folder
+
+    from slimkit.quantize import Pt2eStaticInt8Config, quantize_
+    from slimkit.serialize import load_model, save
+
+    images = write_image_folder(tmp_path / "images")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "r", "model": "tiny_models:plain_cnn", "stages": [{"export": {}}],
+                                      "task": {"source": str(images), "image_size": 16, "normalize": "none"}}))
+    runs = tmp_path / "run" / "variants"
+    fp32 = load_model("tiny_models:plain_cnn")
+    save(fp32, runs / "fp32")
+    g = torch.Generator().manual_seed(0)
+    quantize_(fp32, Pt2eStaticInt8Config(calibration_samples=8),
+              calibration=[(torch.rand(1, 3, 16, 16, generator=g),) for _ in range(8)])
+    save(fp32, runs / "pt2e-int8")
+    result = bench(str(tmp_path / "run"), [1], [2], ["torch", "compiled", "ort"], recipe=str(recipe),
+                   rounds=1, iters=2, warmup=1)
+    assert [(r["variant"], r["backend"]) for r in result["rows"]] == [
+        ("fp32", "torch"), ("fp32", "compiled"), ("fp32", "ort"), ("pt2e-int8", "torch")]

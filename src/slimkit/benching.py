@@ -2,8 +2,10 @@
 
 The foundation's harness measures all of it: interleaved rounds, warm-up, medians, ratios
 taken within a round against the first variant's first backend at the same thread count
-and batch. A PyTorch model is measured in eager PyTorch and, exported, under ONNX
-Runtime; an ONNX model under ONNX Runtime. The inputs are the task's (a run folder's
+and batch. A PyTorch model is measured in eager PyTorch (``torch``), through
+``torch.compile`` (``compiled``: Inductor, compiled in the warm-up) and, exported, under
+ONNX Runtime (``ort``); an ONNX model under ONNX Runtime. A PT2E int8 model is a
+compiled program already and has no ONNX export, so it is measured as ``torch`` only. The inputs are the task's (a run folder's
 recipe, ``--recipe``, or the offline sentence task for a text model).
 """
 
@@ -20,8 +22,10 @@ from slimkit.errors import ConfigError
 from slimkit.exporting import run_recipe, task_workload
 from slimkit.measure.latency import measure_latency
 from slimkit.measure.runners import make_runner
+from slimkit.quantize.pt2e import Pt2eInt8Module
+from slimkit.zoo.loaded import LoadedModel
 
-BACKENDS = ("torch", "ort")
+BACKENDS = ("torch", "compiled", "ort")
 
 
 def _models(source: str) -> tuple[dict[str, Any], Any]:
@@ -39,6 +43,15 @@ def _models(source: str) -> tuple[dict[str, Any], Any]:
     if not models:
         raise ConfigError(f"{source}: no saved model or run variants to measure")
     return models, recipe
+
+
+def compiled(model: LoadedModel) -> LoadedModel:
+    """``model`` with its module through ``torch.compile`` (Inductor; a dynamic batch axis),
+    compiled at its first call."""
+    import torch
+
+    return LoadedModel(torch.compile(model.module.eval(), dynamic=True), model.spec, model.tokenizer,
+                       model.max_seq_len, model.example_inputs)
 
 
 def bench(source: str, threads: list[int], batch_sizes: list[int], backends: list[str], recipe: str | None = None,
@@ -72,6 +85,10 @@ def bench(source: str, threads: list[int], batch_sizes: list[int], backends: lis
                 model.example_inputs = (workload.example_input(),)
             if "torch" in backends:
                 variants[f"{name}/torch"] = model
+            if isinstance(model.module, Pt2eInt8Module):
+                continue
+            if "compiled" in backends:
+                variants[f"{name}/compiled"] = compiled(model)
             if "ort" in backends:
                 variants[f"{name}/ort"], _ = apply_stages(model, [ExportConfig()], Path(work) / name, StageContext(workload))
         if not variants:

@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     p_exp.add_argument("--calibration-samples", type=int, default=128)
     p_ben = sub.add_parser("bench", help="measure a model, or a run's variants, across backends, threads and batches")
     p_ben.add_argument("source", help="a run folder, a saved model folder, or a recipe's model: source")
-    p_ben.add_argument("--backends", default="torch,ort", help="torch, ort or both (default torch,ort)")
+    p_ben.add_argument("--backends", default="torch,ort",
+                       help="any of torch (eager), compiled (torch.compile) and ort (default torch,ort)")
     p_ben.add_argument("--threads", default="1,2", help="thread counts, e.g. 1,2,4")
     p_ben.add_argument("--batch-sizes", default="1,8", help="batch sizes, e.g. 1,8")
     p_ben.add_argument("--recipe", help="a recipe whose task gives the inputs")

@@ -44,7 +44,7 @@ def test_deploy_quick(tmp_path):
     # PyTorch-native static int8 ran on both models, in the same runs as PyTorch fp32.
     summary = doc["pytorch_int8"]["summary"]
     measured = ["mobilenetv2_latency_b1_vs_torch_fp32", "mobilenetv2_accuracy_drop_pp", "minilm_latency_b1_vs_torch_fp32",
-                "minilm_embedding_cosine"]
+                "minilm_embedding_cosine", "mobilenetv2_latency_b1_vs_compiled_fp32"]
     assert all(isinstance(summary[k], float) for k in measured), summary
     assert summary["minilm_embedding_cosine"] >= 0.95
     pt2e = {v["name"]: v for v in doc["pytorch_int8"]["mobilenetv2"]["variants"]}
