@@ -27,6 +27,7 @@ EXPECTED = {
         "ort_dynamic_int8",
         "ort_fp16",
         "ort_static_int8",
+        "pt2e_static_int8",
         "qat_int8",
         "static_int8",
     ],
