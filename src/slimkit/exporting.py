@@ -87,17 +87,15 @@ def int8_twin(model: Any) -> Any:
     (:class:`~slimkit.quantize.static_int8.StaticInt8Conv2d` and ``Linear``): inputs
     rounded to the trained uint8 grid, weights to per-channel int8, sums exact.
     """
-    from slimkit.config import LayerSelector
     from slimkit.quantize import quantize_
     from slimkit.quantize.api import transforms_of
-    from slimkit.quantize.static_int8 import StaticInt8Config
+    from slimkit.registry import config_from_dict
 
     for t in transforms_of(model.module):
         config = t["config"]
         if config["method"] == "static_int8" and config.get("target") == "onnxruntime" and t["layers"]:
             twin = model.clone()
-            quantize_(twin.module, StaticInt8Config(target="torch", input_ranges=config["input_ranges"],
-                                                    layers=LayerSelector(targets=list(t["layers"]))))
+            quantize_(twin.module, config_from_dict(config).replay_on(t["layers"]).model_copy(update={"target": "torch"}))
             return twin
     return None
 

@@ -150,8 +150,8 @@ def _torchao():
         from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
     except ImportError as e:
         raise ConfigError(
-            f"pt2e_static_int8 needs torchao ({e}); install it with `pip install torchao` "
-            "(a version built for this torch), or use ort_static_int8 after an export stage"
+            f"pt2e_static_int8 needs torchao ({e}); install it with `pip install 'slimkit[pt2e]'` "
+            "(a torchao built for this torch), or use ort_static_int8 after an export stage"
         ) from None
     finally:
         for logger, level in zip(loggers, levels, strict=True):
@@ -180,11 +180,10 @@ def _quantizer(x86, module: nn.Module, layers: LayerSelector):
     return quantizer
 
 
-def _as_tensors(example: Any, arity: int | None = None) -> tuple[torch.Tensor, ...]:
+def _as_tensors(example: Any) -> tuple[torch.Tensor, ...]:
     """A calibration example (a tuple of tensors, or a feed dict of arrays) as positional tensors."""
-    values = list(example.values()) if isinstance(example, dict) else list(example)
-    out = tuple(torch.from_numpy(v) if isinstance(v, np.ndarray) else v for v in values)
-    return out[:arity] if arity is not None else out
+    values = example.values() if isinstance(example, dict) else example
+    return tuple(torch.from_numpy(v) if isinstance(v, np.ndarray) else v for v in values)
 
 
 def _capture(module: nn.Module, example: tuple[torch.Tensor, ...], max_seq_len: int | None):
@@ -242,7 +241,7 @@ def _quantized_layers(program: torch.fx.GraphModule) -> list[str]:
         if node.op != "call_function" or node.target not in (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default):
             continue
         weight = node.args[1]
-        if isinstance(weight, torch.fx.Node) and "dequantize_per_channel" in str(weight.target):
+        if isinstance(weight, torch.fx.Node) and weight.target == torch.ops.quantized_decomposed.dequantize_per_channel.default:
             stack = node.meta.get("nn_module_stack") or {}
             if stack:
                 path = list(stack.values())[-1][0]
@@ -287,7 +286,6 @@ def pt2e_static_int8(module: nn.Module, config: Pt2eStaticInt8Config, calibratio
         if not calibration:
             raise ConfigError("pt2e_static_int8: give example inputs to capture the model with")
         example = _as_tensors(calibration[0])
-    arity = len(example)
     module = module.eval()
     with torch.no_grad():
         captured = _capture(module, example, max_seq_len)
@@ -300,7 +298,7 @@ def pt2e_static_int8(module: nn.Module, config: Pt2eStaticInt8Config, calibratio
             prepared(*example)
         else:
             for ex in calibration:
-                prepared(*_as_tensors(ex, arity))
+                prepared(*_as_tensors(ex))
             qparams = {}
             for name, obs in observers.items():
                 scale, zero_point = obs.calculate_qparams()
